@@ -1,0 +1,331 @@
+"""One guest vCPU process: the link to the host, the exit primitive, interrupt delivery.
+
+The vCPU runs its workload as a loop of "instructions" separated by instruction
+boundaries, where pending injected interrupts are delivered.  An exit (hypercall, HLT,
+MMIO/MSR/port access) is a synchronous request: the loop sends it and waits for the
+host's reply; injected interrupts arriving meanwhile are queued and delivered at the
+next boundary.  A HLT is answered by the host only once an interrupt is pending.
+
+Exit codes: 0 done, 2 no host reached, 3 refused, 4 protocol error, 5 link lost.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import trio
+from hdrh.histogram import HdrHistogram
+
+from vtick.guest.workload import TimerStorm
+from vtick.proto import messages as m
+from vtick.proto.abi import PROTOCOL_VERSION, Feature, Hypercall, Vector
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE
+from vtick.proto.errors import LinkError, ProtocolError
+from vtick.proto.link import Link
+from vtick.proto.pvclock import PvclockInfo, TscModel
+from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
+
+__all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGHEST_NS"]
+
+HELLO_RETRY_S = 0.2
+TICK_S = 0.02
+#: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
+LATENESS_HIGHEST_NS = 60_000_000_000
+
+
+class GuestFatal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class GuestConfig:
+    connect: str
+    vcpu: int
+    token: bytes
+    handshake_timeout_s: float = 10.0
+    goodbye_timeout_s: float = 5.0
+    features: int = int(Feature.PVCLOCK | Feature.PV_TIMER)
+
+
+@dataclass
+class GuestStats:
+    exits: Counter[str] = field(default_factory=Counter)
+    exit_rtt_ns: Counter[str] = field(default_factory=Counter)
+    spurious: int = 0
+    lateness: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, LATENESS_HIGHEST_NS, 3))
+    lateness_max: int = 0
+    lateness_overflow: int = 0
+
+    def record_lateness(self, ns: int) -> None:
+        self.lateness_max = max(self.lateness_max, ns)
+        if not self.lateness.record_value(min(max(ns, 0), LATENESS_HIGHEST_NS)):
+            self.lateness_overflow += 1
+
+
+class GuestVcpu:
+    def __init__(self, cfg: GuestConfig) -> None:
+        self.cfg = cfg
+        self.name = f"vCPU {cfg.vcpu}"
+        self.link = Link(name=f"{self.name} (guest)", max_message=DEFAULT_MAX_MESSAGE)
+        self.ep: PairEndpoint | None = None
+        self.welcome: m.Welcome | None = None
+        self.welcomed = trio.Event()
+        self.tsc: TscModel | None = None
+        self.pvclock: PvclockInfo | None = None
+        self.pending: deque[int] = deque()
+        self.shutdown_requested = False
+        self.host_goodbye = trio.Event()
+        self._reply: m.ExitReply | None = None
+        self._reply_event = trio.Event()
+        self._outstanding: int | None = None
+        self.stats = GuestStats()
+        self.pipes_seen = 0
+
+    # ------------------------------------------------------------------ clock
+
+    def ktime(self) -> int:
+        """Guest CLOCK_MONOTONIC through kvmclock: TSC read, then pvclock scaling."""
+        assert self.tsc is not None and self.pvclock is not None
+        return self.pvclock.ktime(self.tsc.tsc(monotonic_ns()))
+
+    # ------------------------------------------------------------------ link I/O
+
+    def flush(self) -> None:
+        assert self.ep is not None
+        self.ep.send(self.link.data_to_send())
+
+    def _hello(self, resume: int | None) -> m.Hello:
+        return m.Hello(
+            version=PROTOCOL_VERSION,
+            features=self.cfg.features,
+            vcpu=self.cfg.vcpu,
+            token=self.cfg.token,
+            pid=os.getpid(),
+            resume=resume,
+        )
+
+    async def receive_loop(self) -> None:
+        assert self.ep is not None
+        while True:
+            data, _pipe = await self.ep.recv()
+            try:
+                msgs = self.link.receive(data, monotonic_ns())
+            except ProtocolError as exc:
+                raise GuestFatal(4, f"{self.name}: bad message from host: {exc}") from None
+            for msg in msgs:
+                self._on_message(msg)
+            self.flush()
+
+    def _on_message(self, msg: m.Message) -> None:
+        if isinstance(msg, m.ExitReply):
+            if msg.re != self._outstanding:
+                raise GuestFatal(
+                    4, f"{self.name}: reply to exit {msg.re}, expected {self._outstanding}"
+                )
+            self._outstanding = None
+            self._reply = msg
+            self._reply_event.set()
+        elif isinstance(msg, m.Inject):
+            self.pending.append(msg.vector)
+            self._wake()
+        elif isinstance(msg, m.Welcome):
+            self._on_welcome(msg)
+        elif isinstance(msg, m.Pvclock):
+            self.pvclock = PvclockInfo.from_wire(msg.info)
+        elif isinstance(msg, m.Shutdown):
+            self.shutdown_requested = True
+            self._wake()
+        elif isinstance(msg, m.Goodbye):
+            self.host_goodbye.set()
+        elif isinstance(msg, m.Refuse):
+            raise GuestFatal(3, f"{self.name}: host refused: {msg.reason}")
+        elif isinstance(msg, m.Error):
+            raise GuestFatal(4, f"{self.name}: host reported a protocol error: {msg.reason}")
+        elif isinstance(msg, m.Ack):
+            pass
+        else:
+            raise GuestFatal(4, f"{self.name}: unexpected {msg.RULE} from host")
+
+    def _wake(self) -> None:
+        """An interrupt or a shutdown arrived; nothing to do: the host ends a HLT itself."""
+
+    def _on_welcome(self, msg: m.Welcome) -> None:
+        if msg.resumed:
+            if self.welcome is None or msg.session != self.welcome.session:
+                raise GuestFatal(4, f"{self.name}: host resumed an unknown session")
+            # Our unacked frames were lost with the old pipe: send them again.
+            self.link.resume(self.link.peer_acked, monotonic_ns())
+            return
+        if self.welcome is not None:
+            raise GuestFatal(4, f"{self.name}: second welcome for a fresh session")
+        if msg.vcpu != self.cfg.vcpu:
+            raise GuestFatal(4, f"{self.name}: host welcomed vCPU {msg.vcpu}")
+        self.welcome = msg
+        self.link.max_message = msg.max_message
+        self.tsc = TscModel(msg.tsc_khz, msg.tsc_epoch, 0)
+        self.pvclock = PvclockInfo.from_wire(msg.pvclock)
+        self.welcomed.set()
+
+    async def pipe_loop(self) -> None:
+        """Say hello on the first pipe and resume the session on every later one."""
+        assert self.ep is not None
+        async for event in self.ep.pipe_events:
+            if not event.added:
+                continue
+            self.pipes_seen += 1
+            if self.pipes_seen > 1 and self.welcome is not None:
+                self.link.send(self._hello(resume=self.welcome.session), monotonic_ns())
+                self.flush()
+
+    async def hello_loop(self) -> None:
+        with trio.move_on_after(self.cfg.handshake_timeout_s):
+            while not self.welcomed.is_set():
+                self.link.send(self._hello(resume=None), monotonic_ns())
+                self.flush()
+                with trio.move_on_after(HELLO_RETRY_S):
+                    await self.welcomed.wait()
+            return
+        raise GuestFatal(
+            2,
+            f"{self.name}: no welcome from {self.cfg.connect} within "
+            f"{self.cfg.handshake_timeout_s} s",
+        )
+
+    async def tick_loop(self) -> None:
+        while True:
+            await trio.sleep(TICK_S)
+            now = monotonic_ns()
+            try:
+                self.link.poll(now)
+            except LinkError as exc:
+                raise GuestFatal(5, str(exc)) from None
+            if self.link.ack_owed(force=True):
+                self.link.send(m.Ack(), now)
+            self.flush()
+
+    # ------------------------------------------------------------------ exits
+
+    async def exit(self, msg: m.Message) -> m.ExitReply:
+        """Take one exit and wait for the host's answer."""
+        assert self._outstanding is None, "one exit at a time"
+        kind = msg.RULE.removeprefix("exit-")
+        t0 = time.perf_counter_ns()
+        self._reply_event = trio.Event()
+        self.link.send(msg, monotonic_ns())
+        self._outstanding = self.link.send_next - 1
+        self.flush()
+        await self._reply_event.wait()
+        self.stats.exits[kind] += 1
+        self.stats.exit_rtt_ns[kind] += time.perf_counter_ns() - t0
+        assert self._reply is not None
+        return self._reply
+
+    # ------------------------------------------------------------------ workload
+
+    async def run_timer_storm(self) -> None:
+        assert self.welcome is not None
+        params = self.welcome.params
+        storm = TimerStorm(
+            seed=self.welcome.seed * 1_000_003 + self.cfg.vcpu,
+            timers=params.get("timers", 8),
+            min_ns=params.get("min_ns", 100_000),
+            max_ns=params.get("max_ns", 2_000_000),
+        )
+        started = self.ktime()
+        storm.start(started)
+        programmed: int | None = None
+        while True:
+            # instruction boundary: deliver pending interrupts
+            while self.pending:
+                vector = self.pending.popleft()
+                if vector == Vector.LOCAL_TIMER:
+                    programmed = None  # one-shot: the device is disarmed once it fired
+                    for ran in storm.on_interrupt(self.ktime()):
+                        self.stats.record_lateness(ran.lateness)
+                else:
+                    self.stats.spurious += 1
+            if self.shutdown_requested:
+                break
+            expiry = storm.next_expiry()
+            if programmed != expiry:
+                reply = await self.exit(
+                    m.ExitHypercall(nr=Hypercall.VTICK_SET_NEXT_KTIME, args=[expiry, 0])
+                )
+                if reply.value != 0:
+                    raise GuestFatal(4, f"{self.name}: set_next_ktime returned {reply.value}")
+                programmed = expiry
+            if not self.pending and not self.shutdown_requested:
+                await self.exit(m.ExitHlt())
+        self.duration_ns = self.ktime() - started
+        self.storm = storm
+
+    async def finish(self) -> None:
+        storm = self.storm
+        stats = self.stats
+        self.link.send(
+            m.Report(
+                events=storm.events,
+                early=storm.early,
+                spurious=stats.spurious,
+                exits=dict(stats.exits),
+                exit_rtt_ns=dict(stats.exit_rtt_ns),
+                lateness_hdr=stats.lateness.encode(),
+                lateness_max=stats.lateness_max,
+                duration_ns=self.duration_ns,
+            ),
+            monotonic_ns(),
+        )
+        self.link.send(m.Goodbye(), monotonic_ns())
+        self.flush()
+        with trio.move_on_after(self.cfg.goodbye_timeout_s):
+            await self.host_goodbye.wait()
+        if not self.host_goodbye.is_set():
+            raise GuestFatal(5, f"{self.name}: host did not answer goodbye")
+        # acknowledge the host's goodbye so it knows nothing is outstanding
+        self.link.send(m.Ack(), monotonic_ns())
+        self.flush()
+        await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
+
+
+async def run_guest(cfg: GuestConfig) -> int:
+    """Run one vCPU until the host ends the run; return the process exit status."""
+    vcpu = GuestVcpu(cfg)
+    try:
+        url = link_url(cfg.connect, cfg.vcpu)
+    except ValueError as exc:
+        print(f"vtick guest: {exc}", file=sys.stderr)
+        return 2
+    vcpu.ep = PairEndpoint.dial(url, DEFAULT_MAX_MESSAGE)
+    fatal: GuestFatal | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vcpu.ep.run_sender)
+            nursery.start_soon(vcpu.receive_loop)
+            nursery.start_soon(vcpu.pipe_loop)
+            nursery.start_soon(vcpu.tick_loop)
+            await vcpu.hello_loop()
+            if vcpu.welcome is None or vcpu.welcome.workload != "timers":
+                raise GuestFatal(
+                    4,
+                    f"{vcpu.name}: unknown workload "
+                    f"{vcpu.welcome.workload if vcpu.welcome else None!r}",
+                )
+            await vcpu.run_timer_storm()
+            await vcpu.finish()
+            nursery.cancel_scope.cancel()
+    except* GuestFatal as group:
+        first = group.exceptions[0]
+        assert isinstance(first, GuestFatal)
+        fatal = first
+    finally:
+        vcpu.ep.close()
+    if fatal is not None:
+        print(f"vtick guest: {fatal}", file=sys.stderr, flush=True)
+        return fatal.status
+    return 0

@@ -1,0 +1,1 @@
+"""vtick host: the VMM process, its device models and the run launcher."""

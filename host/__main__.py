@@ -1,0 +1,3 @@
+from vtick.host.cli import main
+
+raise SystemExit(main())

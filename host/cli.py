@@ -1,0 +1,254 @@
+"""The ``vtick`` command: run, host, guest, bench."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+__all__ = ["main"]
+
+TOKEN_ENV = "VTICK_TOKEN"
+PARENT_ENV = "VTICK_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _vcpu_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"{value} vCPUs is more than vtick supports (1024)")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"duration {text!r} must be in (0, 86400] seconds")
+    return value
+
+
+def _url(text: str) -> str:
+    from vtick.proto.transport import link_url
+
+    try:
+        link_url(text, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _param(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=INTEGER")
+    try:
+        return key, int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
+    p.add_argument(
+        "--workload",
+        choices=["timers"],
+        default="timers",
+        help="guest workload (timers: random hrtimers through the PV timer)",
+    )
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="workload parameter: timers, min_ns, max_ns",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vtick",
+        description="Measure virtual CPU timer and IPI paths over real host and vCPU processes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="launch a host and N vCPU processes, print the summary")
+    run.add_argument("--vcpus", type=_vcpu_count, default=4)
+    run.add_argument("--duration", type=_duration, default=5.0, help="seconds of workload")
+    run.add_argument(
+        "--listen",
+        type=_url,
+        default=None,
+        help="base URL (default: ipc:// in a private temporary directory); "
+        "tcp://HOST:PORT uses ports PORT..PORT+N-1",
+    )
+    run.add_argument("--json", default="vtick-results.json", help="results file to write")
+    _workload_args(run)
+
+    host = sub.add_parser("host", help="run the host (VMM) process")
+    host.add_argument("--listen", type=_url, required=True)
+    host.add_argument("--vcpus", type=_vcpu_count, required=True)
+    host.add_argument("--duration", type=_duration, default=5.0)
+    host.add_argument("--results", default=None, help="write results JSON here")
+    host.add_argument(
+        "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
+    )
+    _workload_args(host)
+
+    guest = sub.add_parser("guest", help="run one vCPU process")
+    guest.add_argument("--connect", type=_url, required=True)
+    guest.add_argument("--vcpu", type=_nonneg_int, required=True)
+    guest.add_argument(
+        "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
+    )
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    bt = bsub.add_parser("transport", help="exit round trip vs a raw AF_UNIX socketpair")
+    bt.add_argument("--count", type=_positive_int, default=5000, help="round trips per path")
+    bt.add_argument("--warmup", type=_nonneg_int, default=500)
+    return parser
+
+
+def _read_token(token_file: str | None) -> bytes:
+    """The run token from a 0600 file or the environment (never the command line)."""
+    if token_file:
+        st = os.stat(token_file)
+        if st.st_mode & 0o077:
+            raise SystemExit(f"vtick: {token_file} is readable by others; chmod 600 it")
+        with open(token_file) as fh:
+            text = fh.read().strip()
+    else:
+        text = os.environ.get(TOKEN_ENV, "")
+        if not text:
+            raise SystemExit(f"vtick: no token: set ${TOKEN_ENV} or pass --token-file")
+    try:
+        token = bytes.fromhex(text)
+    except ValueError:
+        raise SystemExit("vtick: the token must be 64 hex digits") from None
+    if len(token) != 32:
+        raise SystemExit("vtick: the token must be 64 hex digits")
+    return token
+
+
+def _die_with_parent() -> None:
+    """When launched by ``vtick run``: exit if the launcher dies, so no orphan remains."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if str(os.getppid()) != parent:  # the launcher died before prctl took effect
+        raise SystemExit(1)
+
+
+def _cmd_host(args: argparse.Namespace) -> int:
+    from vtick.host.server import HostConfig, serve
+
+    _die_with_parent()
+    cfg = HostConfig(
+        listen=args.listen,
+        vcpus=args.vcpus,
+        token=_read_token(args.token_file),
+        duration_s=args.duration,
+        workload=args.workload,
+        seed=args.seed,
+        params=dict(args.param),
+        results_path=args.results,
+    )
+    try:
+        results = trio.run(serve, cfg)
+    except OSError as exc:
+        print(f"vtick host: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0 if results["ok"] else 1
+
+
+def _cmd_guest(args: argparse.Namespace) -> int:
+    from vtick.guest.vcpu import GuestConfig, run_guest
+
+    _die_with_parent()
+    cfg = GuestConfig(connect=args.connect, vcpu=args.vcpu, token=_read_token(args.token_file))
+    try:
+        return trio.run(run_guest, cfg)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vtick.host.launcher import RunFailed, RunOptions, launch
+    from vtick.host.summary import format_summary, summarize
+
+    opts = RunOptions(
+        vcpus=args.vcpus,
+        duration_s=args.duration,
+        listen=args.listen,
+        seed=args.seed,
+        params=dict(args.param),
+        workload=args.workload,
+    )
+    try:
+        results = trio.run(launch, opts, args.json)
+    except RunFailed as exc:
+        print(f"vtick run: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vtick run: {exc}", file=sys.stderr)
+        return 1
+    summarize(results)
+    import json
+
+    with open(args.json, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(format_summary(results))
+    print(f"\nresults: {args.json}")
+    return 0 if results["ok"] else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vtick.host.bench_transport import run_transport_bench
+
+    return run_transport_bench(count=args.count, warmup=args.warmup)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {
+        "run": _cmd_run,
+        "host": _cmd_host,
+        "guest": _cmd_guest,
+        "bench": _cmd_bench,
+    }[args.command]
+    return handler(args)

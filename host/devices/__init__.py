@@ -1,0 +1,1 @@
+"""Host device models.  Each registers its handlers in a Machine's dispatch tables."""

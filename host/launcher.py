@@ -1,0 +1,209 @@
+"""``vtick run``: start the host and N vCPU processes, supervise them, collect results.
+
+Every child is a real OS process in its own session (process group), so cleanup reaches
+anything it started.  The per-run secret token travels in the environment (never on a
+command line, where ``ps`` shows it), and ipc sockets live in a private 0700 directory
+that is removed at the end whatever happened.  Children also ask the kernel to kill
+them if the launcher dies (PR_SET_PDEATHSIG), so even ``kill -9`` of the launcher
+leaves no orphan running.
+
+A vCPU that exits with a non-zero status ends the run with an error naming it and its
+status; SIGINT and SIGTERM stop everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import trio
+
+from vtick.proto.transport import link_url
+
+__all__ = ["RunOptions", "RunFailed", "launch", "describe_status"]
+
+READY_TIMEOUT_S = 15.0
+TERM_GRACE_S = 2.0
+
+
+class RunFailed(Exception):
+    """The run could not complete; the message says which process and why."""
+
+
+@dataclass
+class RunOptions:
+    vcpus: int = 4
+    duration_s: float = 5.0
+    listen: str | None = None
+    seed: int = 1
+    params: dict[str, int] = field(default_factory=dict)
+    workload: str = "timers"
+
+
+def describe_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _child_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vtick.host", *args]
+
+
+class _Children:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, trio.Process]] = []
+
+    def add(self, name: str, proc: trio.Process) -> None:
+        self.procs.append((name, proc))
+
+    def _signal_groups(self, sig: int) -> None:
+        for _, proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)
+
+    async def stop_all(self) -> None:
+        """SIGCONT (a stopped child cannot act on SIGTERM), SIGTERM, then SIGKILL."""
+        with trio.CancelScope(shield=True):
+            self._signal_groups(signal.SIGCONT)
+            self._signal_groups(signal.SIGTERM)
+            with trio.move_on_after(TERM_GRACE_S):
+                for _, proc in self.procs:
+                    await proc.wait()
+            self._signal_groups(signal.SIGKILL)
+            for _, proc in self.procs:
+                await proc.wait()
+            # reap anything left in the groups (grandchildren), best effort
+            self._signal_groups(signal.SIGKILL)
+
+
+async def launch(opts: RunOptions, results_path: str) -> dict:
+    """Run one topology to completion; returns the host's results.
+
+    Raises:
+        RunFailed: a process failed, timed out, or the run was interrupted.
+    """
+    import json
+
+    run_dir = tempfile.mkdtemp(prefix="vtick-")  # mkdtemp creates it 0700
+    token = secrets.token_bytes(32)
+    listen = opts.listen or f"ipc://{run_dir}/link"
+    for i in range(opts.vcpus):
+        link_url(listen, i)  # validate early: a clear error before anything starts
+    host_results = os.path.join(run_dir, "results.json")
+    env = dict(os.environ)
+    env["VTICK_TOKEN"] = token.hex()
+    env["VTICK_PARENT_PID"] = str(os.getpid())
+    children = _Children()
+    failure: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, failure)
+            param_args = [
+                a for k, v in sorted(opts.params.items()) for a in ("--param", f"{k}={v}")
+            ]
+            host = await trio.lowlevel.open_process(
+                _child_cmd(
+                    "host",
+                    "--listen",
+                    listen,
+                    "--vcpus",
+                    str(opts.vcpus),
+                    "--duration",
+                    str(opts.duration_s),
+                    "--seed",
+                    str(opts.seed),
+                    "--workload",
+                    opts.workload,
+                    "--results",
+                    host_results,
+                    *param_args,
+                ),
+                env=env,
+                stdout=subprocess.PIPE,
+                start_new_session=True,
+            )
+            children.add("host", host)
+            await _wait_ready(host)
+            for i in range(opts.vcpus):
+                proc = await trio.lowlevel.open_process(
+                    _child_cmd("guest", "--connect", listen, "--vcpu", str(i)),
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                children.add(f"vCPU {i}", proc)
+            for name, proc in children.procs:
+                nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
+            await host.wait()
+            # the host is done; the vCPUs follow within moments
+            with trio.move_on_after(5):
+                for _, proc in children.procs:
+                    await proc.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        await children.stop_all()
+        leftovers = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+        results = None
+        if os.path.exists(host_results):
+            with open(host_results) as fh:
+                results = json.load(fh)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if results is not None:
+            leftovers = [f for f in leftovers if f != "results.json"]
+            results.setdefault("cleanup", {})["ipc_leftovers"] = leftovers
+    if failure:
+        raise RunFailed(failure[0])
+    if results is None:
+        raise RunFailed(f"host wrote no results ({describe_status(host.returncode or 0)})")
+    with open(results_path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    return results
+
+
+async def _wait_ready(host: trio.Process) -> None:
+    assert host.stdout is not None
+    buf = b""
+    with trio.move_on_after(READY_TIMEOUT_S):
+        while b"\n" not in buf:
+            chunk = await host.stdout.receive_some(4096)
+            if not chunk:
+                await host.wait()
+                raise RunFailed(
+                    f"host (pid {host.pid}) {describe_status(host.returncode or 0)} "
+                    "before it was ready"
+                )
+            buf += chunk
+        if not buf.startswith(b"READY"):
+            raise RunFailed(f"host said {buf[:200]!r} instead of READY")
+        return
+    raise RunFailed(f"host (pid {host.pid}) not ready within {READY_TIMEOUT_S} s")
+
+
+async def _supervise(
+    name: str, proc: trio.Process, scope: trio.CancelScope, failure: list[str]
+) -> None:
+    status = await proc.wait()
+    if status != 0 and not failure:
+        failure.append(f"{name} (pid {proc.pid}) {describe_status(status)}")
+        scope.cancel()
+
+
+async def _watch_signals(scope: trio.CancelScope, failure: list[str]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not failure:
+                failure.append(f"interrupted by {signal.Signals(signum).name}")
+            scope.cancel()
+            return

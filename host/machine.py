@@ -1,0 +1,218 @@
+"""The host's pure model of a VM: per-vCPU exit dispatch, interrupt injection, HLT.
+
+No I/O and no clock: every entry point takes ``now`` (host CLOCK_MONOTONIC ns) and
+queues what must happen as :class:`Action` values that the server drains
+(:meth:`Machine.take_actions`).  Devices plug in by registering handlers in the dispatch
+tables of :class:`Machine` (hypercall numbers, MSRs, port ranges, MMIO ranges), the way
+KVM routes an exit to ``apic_mmio_ops`` or ``kvm_emulate_hypercall``; an exit nobody
+claims gets the architectural answer (#GP for an unknown MSR, all-ones for unclaimed
+MMIO and ports, -KVM_ENOSYS for an unknown hypercall) and is counted.
+
+A halted vCPU is blocked in the host, as KVM blocks it in ``kvm_vcpu_block``: its
+``exit-hlt`` is answered only when an interrupt is pending for it, or at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vtick.host.hrtimer import HrtimerQueue
+from vtick.proto import messages as m
+from vtick.proto.abi import Fault, KvmErrno
+from vtick.proto.pvclock import PvclockInfo, TscModel
+
+__all__ = [
+    "Action",
+    "InjectIrq",
+    "CompleteHlt",
+    "ExitResult",
+    "Machine",
+    "VcpuState",
+    "HypercallHandler",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InjectIrq:
+    vcpu: int
+    vector: int
+    now: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteHlt:
+    """Answer the halted vCPU's pending ``exit-hlt`` (it is runnable again)."""
+
+    vcpu: int
+    re: int
+
+
+Action = InjectIrq | CompleteHlt
+
+
+@dataclass(frozen=True, slots=True)
+class ExitResult:
+    value: int = 0
+    fault: int = Fault.NONE
+    #: the reply is sent later (a HLT that blocks)
+    deferred: bool = False
+
+
+#: handler(vcpu_state, args, now) -> RAX value
+HypercallHandler = Callable[["VcpuState", list[int], int], int]
+#: timer callback(vcpu_state, now)
+TimerCallback = Callable[["VcpuState", int], None]
+
+
+@dataclass
+class VcpuState:
+    """Host-side state of one vCPU."""
+
+    vcpu: int
+    machine: Machine
+    pvclock: PvclockInfo
+    halted_exit: int | None = None  # seq of the exit-hlt awaiting its answer
+    unclaimed: Counter[str] = field(default_factory=Counter)
+    injected: int = 0
+
+    def raise_irq(self, vector: int, now: int) -> None:
+        """Make ``vector`` pending for this vCPU: inject it and wake the vCPU if halted."""
+        self.injected += 1
+        self.machine._actions.append(InjectIrq(self.vcpu, vector, now))
+        self.wake()
+
+    def wake(self) -> None:
+        if self.halted_exit is not None:
+            self.machine._actions.append(CompleteHlt(self.vcpu, self.halted_exit))
+            self.halted_exit = None
+
+
+class Machine:
+    """All vCPUs of one VM plus the host timer queue their devices share."""
+
+    def __init__(self, vcpus: int, tsc: TscModel, now: int) -> None:
+        self.tsc = tsc
+        self.hrtimers = HrtimerQueue()
+        self.vcpus = [VcpuState(i, self, tsc.publish(now, version=2)) for i in range(vcpus)]
+        self._actions: list[Action] = []
+        self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}
+        self.hypercalls: dict[int, HypercallHandler] = {}
+        self._dispatch: dict[
+            type[m.Message], Callable[[VcpuState, m.Message, int, bool], ExitResult]
+        ] = {
+            m.ExitHypercall: self._hypercall,
+            m.ExitHlt: self._hlt,
+            m.ExitMsrRead: self._msr_read,
+            m.ExitMsrWrite: self._msr_write,
+            m.ExitMmioRead: self._mmio_read,
+            m.ExitMmioWrite: self._mmio_write,
+            m.ExitPioIn: self._pio_in,
+            m.ExitPioOut: self._pio_out,
+        }
+
+    # ------------------------------------------------------------------ devices plug in here
+
+    def register_hypercall(self, nr: int, handler: HypercallHandler) -> None:
+        if nr in self.hypercalls:
+            raise ValueError(f"hypercall {nr:#x} registered twice")
+        self.hypercalls[nr] = handler
+
+    def arm_timer(self, name: str, vcpu: VcpuState, expiry: int, callback: TimerCallback) -> None:
+        """Arm (or re-arm) the host hrtimer ``name`` of ``vcpu`` for host time ``expiry``."""
+        handle = (name, vcpu.vcpu)
+        self._timer_callbacks[handle] = callback
+        self.hrtimers.arm(handle, expiry)
+
+    def cancel_timer(self, name: str, vcpu: VcpuState) -> bool:
+        return self.hrtimers.cancel((name, vcpu.vcpu))
+
+    # ------------------------------------------------------------------ inputs
+
+    def handle_exit(
+        self, vcpu: int, seq: int, msg: m.Message, now: int, unseen: bool
+    ) -> ExitResult:
+        """Handle exit ``seq`` of ``vcpu``.
+
+        Args:
+            unseen: the vCPU had not yet received everything the host sent it when it
+                exited (so an injection may be on its way: a HLT must not block).
+        """
+        state = self.vcpus[vcpu]
+        handler = self._dispatch.get(type(msg))
+        if handler is None:
+            raise TypeError(f"{type(msg).__name__} is not an exit")
+        if isinstance(msg, m.ExitHlt):
+            return self._hlt_seq(state, seq, unseen)
+        return handler(state, msg, now, unseen)
+
+    def on_timer(self, now: int) -> None:
+        """Run the callbacks of every host hrtimer due at ``now``."""
+        for handle in self.hrtimers.expire(now):
+            callback = self._timer_callbacks.pop(handle)
+            name, vcpu = handle
+            callback(self.vcpus[vcpu], now)
+
+    def next_deadline(self) -> int | None:
+        return self.hrtimers.next_expiry()
+
+    def shutdown(self) -> None:
+        """Every halted vCPU becomes runnable (it is about to be told to stop)."""
+        for state in self.vcpus:
+            state.wake()
+
+    def take_actions(self) -> list[Action]:
+        out, self._actions = self._actions, []
+        return out
+
+    # ------------------------------------------------------------------ default exit handling
+
+    def _hlt(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        raise AssertionError("HLT goes through _hlt_seq")  # pragma: no cover
+
+    def _hlt_seq(self, state: VcpuState, seq: int, unseen: bool) -> ExitResult:
+        # Runnable if an interrupt is on its way: sent but not yet seen by the vCPU
+        # (``unseen``), or raised but not yet taken off the action queue by the server.
+        if unseen or any(isinstance(a, InjectIrq) and a.vcpu == state.vcpu for a in self._actions):
+            return ExitResult()
+        state.halted_exit = seq
+        return ExitResult(deferred=True)
+
+    def _hypercall(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitHypercall)
+        handler = self.hypercalls.get(msg.nr)
+        if handler is None:
+            state.unclaimed[f"hypercall {msg.nr:#x}"] += 1
+            return ExitResult(value=-KvmErrno.KVM_ENOSYS)
+        return ExitResult(value=handler(state, msg.args, now))
+
+    def _msr_read(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitMsrRead)
+        state.unclaimed[f"rdmsr {msg.msr:#x}"] += 1
+        return ExitResult(fault=Fault.GP)
+
+    def _msr_write(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitMsrWrite)
+        state.unclaimed[f"wrmsr {msg.msr:#x}"] += 1
+        return ExitResult(fault=Fault.GP)
+
+    def _mmio_read(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitMmioRead)
+        state.unclaimed[f"mmio read {msg.gpa:#x}"] += 1
+        return ExitResult(value=(1 << (8 * min(msg.size, 8))) - 1)
+
+    def _mmio_write(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitMmioWrite)
+        state.unclaimed[f"mmio write {msg.gpa:#x}"] += 1
+        return ExitResult()
+
+    def _pio_in(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitPioIn)
+        state.unclaimed[f"in {msg.port:#x}"] += 1
+        return ExitResult(value=(1 << (8 * min(msg.size, 4))) - 1)
+
+    def _pio_out(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        assert isinstance(msg, m.ExitPioOut)
+        state.unclaimed[f"out {msg.port:#x}"] += 1
+        return ExitResult()

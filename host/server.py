@@ -1,0 +1,496 @@
+"""The host (VMM) process: serves one link per vCPU and drives the Machine model.
+
+Tasks in one trio nursery:
+* one receive loop per vCPU link (handshake, exits, acks, goodbye);
+* the timer loop: sleeps until the earliest host hrtimer, link retransmission or ack
+  deadline, then runs what is due;
+* the run clock: after ``duration`` it tells every vCPU to stop and collects reports.
+
+A vCPU that misbehaves (bad token, garbage, protocol violation) gets a ``refuse`` or
+``error`` and its pipe is closed; the other vCPUs are served on.  Everything that could
+have lost a message is recorded in the results under ``link_errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import pynng
+import trio
+
+from vtick.host.devices.pvtimer import PvTimer
+from vtick.host.machine import CompleteHlt, InjectIrq, Machine
+from vtick.proto import messages as m
+from vtick.proto.abi import PROTOCOL_VERSION, Feature
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
+from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
+from vtick.proto.link import Link
+from vtick.proto.pvclock import TscModel
+from vtick.proto.transport import (
+    PairEndpoint,
+    link_url,
+    monotonic_ns,
+    remove_ipc_file,
+    trio_deadline,
+)
+
+__all__ = ["Host", "HostConfig", "serve"]
+
+SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER
+ACK_DELAY_NS = 20_000_000
+REFUSE_GRACE_S = 0.05
+EXIT_KINDS = {
+    cls: cls.RULE.removeprefix("exit-")
+    for cls in m.MESSAGE_CLASSES
+    if cls.RULE.startswith("exit-") and cls is not m.ExitReply
+}
+
+
+@dataclass
+class HostConfig:
+    listen: str
+    vcpus: int
+    token: bytes
+    duration_s: float = 5.0
+    workload: str = "timers"
+    seed: int = 1
+    params: dict[str, int] = field(default_factory=dict)
+    tsc_khz: int = 2_500_000
+    max_message: int = DEFAULT_MAX_MESSAGE
+    results_path: str | None = None
+    report_timeout_s: float = 10.0
+    #: print a READY line on stdout once every link is listening (for the launcher)
+    announce: bool = True
+
+
+class LinkState(Enum):
+    WAIT_HELLO = "wait-hello"
+    OPEN = "open"
+    CLOSING = "closing"  # shutdown sent, waiting for report + goodbye
+    DONE = "done"
+
+
+@dataclass
+class ExitAccount:
+    count: int = 0
+    host_ns: int = 0
+    host_ns_max: int = 0
+
+
+class VcpuLink:
+    """Host end of one vCPU's link."""
+
+    def __init__(self, host: Host, vcpu: int, endpoint: PairEndpoint) -> None:
+        self.host = host
+        self.vcpu = vcpu
+        self.ep = endpoint
+        self.state = LinkState.WAIT_HELLO
+        self.link: Link | None = None
+        self.session = 0
+        self.guest_pid: int | None = None
+        self.report: m.Report | None = None
+        self.goodbye = trio.Event()
+        self.reported = trio.Event()
+        self.exits: dict[str, ExitAccount] = defaultdict(ExitAccount)
+        self.errors: list[str] = []
+        self.refused: Counter[str] = Counter()
+        self.bad_messages = 0
+        self.sessions = 0
+
+    @property
+    def name(self) -> str:
+        return f"vCPU {self.vcpu}"
+
+    # ------------------------------------------------------------------ output
+
+    def flush(self) -> None:
+        if self.link is not None:
+            self.ep.send(self.link.data_to_send())
+
+    def send(self, msg: m.Message) -> None:
+        assert self.link is not None
+        self.link.send(msg, monotonic_ns())
+        self.flush()
+
+    async def _raw_reply(self, pipe: pynng.Pipe, msg: m.Message) -> None:
+        """Send a control message outside any session, then drop the pipe."""
+        with contextlib.suppress(Exception):
+            await pipe.asend(encode(msg, 0, 0, self.host.cfg.max_message))
+        await trio.sleep(REFUSE_GRACE_S)  # nng has no linger: let the reply leave first
+        with contextlib.suppress(Exception):
+            pipe.close()
+
+    def log(self, text: str) -> None:
+        print(f"vtick host: {self.name}: {text}", file=sys.stderr, flush=True)
+
+    def record_error(self, text: str) -> None:
+        self.errors.append(text)
+        self.log(text)
+
+    # ------------------------------------------------------------------ input
+
+    async def run(self) -> None:
+        while True:
+            try:
+                data, pipe = await self.ep.recv()
+            except pynng.Closed:
+                return
+            now = monotonic_ns()
+            if self.state is LinkState.WAIT_HELLO or self.link is None:
+                await self._handshake(data, pipe, now)
+                continue
+            try:
+                msgs = self.link.receive(data, now)
+            except ProtocolError as exc:
+                # Could be a stranger on a replaced pipe, or a fresh guest process whose
+                # hello we must still see: only a hello decodes without a session.
+                hello = self._try_hello(data)
+                if hello is not None:
+                    await self._handshake(data, pipe, now)
+                    continue
+                self.bad_messages += 1
+                self.record_error(f"protocol error, dropping pipe: {exc}")
+                await self._raw_reply(pipe, m.Error(code=exc.code, reason=str(exc)[:500]))
+                continue
+            for msg in msgs:
+                await self._dispatch(msg, data, pipe, now)
+            self.flush()
+            self.host.kick()
+
+    def _try_hello(self, data: bytes) -> m.Hello | None:
+        try:
+            frame = decode(data, self.host.cfg.max_message)
+        except ProtocolError:
+            return None
+        return frame.msg if isinstance(frame.msg, m.Hello) else None
+
+    async def _handshake(self, data: bytes, pipe: pynng.Pipe, now: int) -> None:
+        cfg = self.host.cfg
+        try:
+            frame = decode(data, cfg.max_message)
+        except ProtocolError as exc:
+            self.refused[f"bad message before hello: {exc.code.name}"] += 1
+            self.log(f"refusing pipe {pipe.id}: {exc}")
+            await self._raw_reply(pipe, m.Refuse(code=exc.code, reason=str(exc)[:500]))
+            return
+        hello = frame.msg
+        if not isinstance(hello, m.Hello):
+            if self.state is LinkState.WAIT_HELLO:
+                self.refused["message before hello"] += 1
+                await self._raw_reply(
+                    pipe,
+                    m.Refuse(code=ErrorCode.UNEXPECTED, reason=f"expected hello, got {hello.RULE}"),
+                )
+            return
+        problem: tuple[ErrorCode, str] | None = None
+        if not hmac.compare_digest(hello.token, cfg.token):
+            problem = (ErrorCode.BAD_TOKEN, "wrong token")
+        elif hello.version < 1:
+            problem = (ErrorCode.BAD_VERSION, f"version {hello.version} unsupported")
+        elif hello.vcpu != self.vcpu:
+            problem = (ErrorCode.BAD_VCPU, f"this link serves vCPU {self.vcpu}, not {hello.vcpu}")
+        if problem is not None:
+            self.refused[problem[1]] += 1
+            self.log(f"refused pid {hello.pid}: {problem[1]}")
+            await self._raw_reply(pipe, m.Refuse(code=problem[0], reason=problem[1]))
+            return
+        link = self.link
+        if (
+            hello.resume is not None
+            and link is not None
+            and hello.resume == self.session
+            and self.state is not LinkState.DONE
+        ):
+            # Same process, new pipe: continue the session, retransmit what it lacks.
+            link.send(self._welcome(resumed=True), now)
+            link.resume(frame.ack, now)
+            self.log(
+                f"session {self.session} resumed on pipe {pipe.id}; retransmitting "
+                f"{link.unacked()} message(s)"
+            )
+            self.flush()
+            return
+        if link is not None and self.state is not LinkState.WAIT_HELLO:
+            lost = link.unacked_range()
+            self.record_error(
+                f"session {self.session} (pid {self.guest_pid}) replaced by a new process "
+                f"(pid {hello.pid}); "
+                + (
+                    f"host messages {lost[0]}..{lost[1]} were never acknowledged and are lost"
+                    if lost
+                    else "no unacknowledged host messages"
+                )
+            )
+            self.host.machine.vcpus[self.vcpu].halted_exit = None
+        if self.host.stopping:
+            await self._raw_reply(
+                pipe, m.Refuse(code=ErrorCode.SHUTTING_DOWN, reason="run is over")
+            )
+            return
+        self.session = secrets.randbits(63) or 1
+        self.sessions += 1
+        self.guest_pid = hello.pid
+        self.link = Link(name=self.name, max_message=cfg.max_message)
+        self.features = Feature(hello.features) & SUPPORTED_FEATURES
+        self.state = LinkState.OPEN
+        self.link.send(self._welcome(resumed=None), now)
+        self.flush()
+        self.host.connected(self)
+
+    def _welcome(self, resumed: bool | None) -> m.Welcome:
+        cfg = self.host.cfg
+        state = self.host.machine.vcpus[self.vcpu]
+        return m.Welcome(
+            version=min(PROTOCOL_VERSION, PROTOCOL_VERSION),
+            features=int(self.features),
+            vcpu=self.vcpu,
+            vcpus=cfg.vcpus,
+            session=self.session,
+            max_message=cfg.max_message,
+            tsc_khz=cfg.tsc_khz,
+            tsc_epoch=self.host.tsc.tsc_epoch,
+            pvclock=state.pvclock.to_wire(),
+            workload=cfg.workload,
+            seed=cfg.seed,
+            params=dict(cfg.params),
+            resumed=resumed,
+        )
+
+    async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
+        assert self.link is not None
+        kind = EXIT_KINDS.get(type(msg))
+        if kind is not None:
+            seq = self.link.recv_next - 1
+            unseen = self.link.peer_acked < self.link.send_next - 1
+            t0 = time.perf_counter_ns()
+            result = self.host.machine.handle_exit(self.vcpu, seq, msg, now, unseen)
+            host_ns = time.perf_counter_ns() - t0
+            acct = self.exits[kind]
+            acct.count += 1
+            acct.host_ns += host_ns
+            acct.host_ns_max = max(acct.host_ns_max, host_ns)
+            if not result.deferred:
+                self.link.send(
+                    m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
+                    now,
+                )
+            self.host.run_actions()
+        elif isinstance(msg, m.Report):
+            self.report = msg
+            self.reported.set()
+        elif isinstance(msg, m.Goodbye):
+            if self.state is not LinkState.DONE:
+                self.link.send(m.Goodbye(), now)
+                # the guest's final frame acked our goodbye if it arrives; give it a moment
+            self.state = LinkState.DONE
+            self.goodbye.set()
+        elif isinstance(msg, m.Error):
+            self.record_error(f"vCPU reported a protocol error: {msg.reason}")
+        elif isinstance(msg, m.Hello):
+            await self._handshake(data, pipe, now)
+        elif isinstance(msg, m.Ack):
+            pass
+        else:
+            self.record_error(f"unexpected {msg.RULE} from the vCPU")
+
+
+class Host:
+    def __init__(self, cfg: HostConfig) -> None:
+        self.cfg = cfg
+        now = monotonic_ns()
+        self.tsc = TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
+        self.machine = Machine(cfg.vcpus, self.tsc, now)
+        self.pvtimer = PvTimer(self.machine)
+        self.links: list[VcpuLink] = []
+        self._wake = trio.Event()
+        self.stopping = False
+        self.all_connected = trio.Event()
+        self.started_at: int | None = None
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def connected(self, link: VcpuLink) -> None:
+        if all(vl.state is not LinkState.WAIT_HELLO for vl in self.links):
+            if self.started_at is None:
+                self.started_at = monotonic_ns()
+            self.all_connected.set()
+
+    def run_actions(self) -> None:
+        for action in self.machine.take_actions():
+            vl = self.links[action.vcpu]
+            if vl.link is None or vl.state is LinkState.DONE:
+                continue
+            if isinstance(action, InjectIrq):
+                vl.link.send(m.Inject(vector=action.vector, host_time=action.now), monotonic_ns())
+            elif isinstance(action, CompleteHlt):
+                vl.link.send(m.ExitReply(re=action.re, value=0, fault=0, host_ns=0), monotonic_ns())
+            vl.flush()
+
+    async def timer_loop(self) -> None:
+        while True:
+            deadlines = [d for d in [self.machine.next_deadline()] if d is not None]
+            for vl in self.links:
+                if vl.link is None:
+                    continue
+                d = vl.link.next_deadline()
+                if d is not None:
+                    deadlines.append(d)
+                if vl.link.ack_owed(force=True):
+                    deadlines.append(monotonic_ns() + ACK_DELAY_NS)
+            self._wake = trio.Event()
+            if deadlines:
+                with trio.move_on_at(trio_deadline(min(deadlines))):
+                    await self._wake.wait()
+            else:
+                await self._wake.wait()
+            now = monotonic_ns()
+            self.machine.on_timer(now)
+            self.run_actions()
+            for vl in self.links:
+                if vl.link is None or vl.state is LinkState.WAIT_HELLO:
+                    continue
+                try:
+                    vl.link.poll(now)
+                except LinkError as exc:
+                    vl.record_error(str(exc))
+                    vl.link = None
+                    vl.state = LinkState.WAIT_HELLO
+                    vl.reported.set()
+                    vl.goodbye.set()
+                    continue
+                if vl.link.ack_owed(force=True):
+                    vl.link.send(m.Ack(), now)
+                vl.flush()
+
+    async def stop_all(self) -> None:
+        """Tell every vCPU to stop, collect reports and goodbyes (bounded wait)."""
+        self.stopping = True
+        self.machine.shutdown()
+        self.run_actions()
+        for vl in self.links:
+            if vl.link is not None and vl.state is LinkState.OPEN:
+                vl.state = LinkState.CLOSING
+                vl.send(m.Shutdown(reason="run complete"))
+            else:
+                vl.reported.set()
+                vl.goodbye.set()
+        with trio.move_on_after(self.cfg.report_timeout_s) as scope:
+            for vl in self.links:
+                await vl.goodbye.wait()
+        if scope.cancelled_caught:
+            for vl in self.links:
+                if not vl.goodbye.is_set():
+                    vl.record_error(f"no report/goodbye within {self.cfg.report_timeout_s} s")
+        # Let the final acks of our goodbyes arrive before closing.
+        with trio.move_on_after(0.5):
+            while any(
+                vl.link is not None and vl.link.unacked()
+                for vl in self.links
+                if vl.state is LinkState.DONE
+            ):
+                await trio.sleep(0.01)
+
+    def results(self, ended_ns: int) -> dict[str, Any]:
+        vcpus = []
+        for vl in self.links:
+            entry: dict[str, Any] = {
+                "vcpu": vl.vcpu,
+                "guest_pid": vl.guest_pid,
+                "sessions": vl.sessions,
+                "host_exits": {
+                    kind: {
+                        "count": a.count,
+                        "host_ns_total": a.host_ns,
+                        "host_ns_max": a.host_ns_max,
+                    }
+                    for kind, a in sorted(vl.exits.items())
+                },
+                "injected": self.machine.vcpus[vl.vcpu].injected,
+                "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
+                "refused": dict(vl.refused),
+                "bad_messages": vl.bad_messages,
+                "link_errors": list(vl.errors),
+                "link": vl.link.stats.as_dict() if vl.link is not None else None,
+            }
+            if vl.report is not None:
+                r = vl.report
+                entry["guest"] = {
+                    "events": r.events,
+                    "early": r.early,
+                    "spurious": r.spurious,
+                    "exits": r.exits,
+                    "exit_rtt_ns_total": r.exit_rtt_ns,
+                    "lateness_hdr": r.lateness_hdr.decode("ascii"),
+                    "lateness_max_ns": r.lateness_max,
+                    "duration_ns": r.duration_ns,
+                }
+            else:
+                entry["guest"] = None
+                if not vl.errors:
+                    vl.errors.append("vCPU sent no report")
+                    entry["link_errors"] = list(vl.errors)
+            vcpus.append(entry)
+        return {
+            "vtick": 1,
+            "config": {
+                "vcpus": self.cfg.vcpus,
+                "listen": self.cfg.listen,
+                "duration_s": self.cfg.duration_s,
+                "workload": self.cfg.workload,
+                "seed": self.cfg.seed,
+                "params": self.cfg.params,
+                "tsc_khz": self.cfg.tsc_khz,
+                "mode": "pv-ktime",
+            },
+            "wall_ns": ended_ns - (self.started_at or ended_ns),
+            "vcpus": vcpus,
+            "ok": all(not e["link_errors"] and e["guest"] is not None for e in vcpus),
+        }
+
+
+async def serve(
+    cfg: HostConfig, *, task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED
+) -> dict[str, Any]:
+    """Run the host until the run is over; return (and optionally write) the results."""
+    host = Host(cfg)
+    urls = [link_url(cfg.listen, i) for i in range(cfg.vcpus)]
+    endpoints: list[PairEndpoint] = []
+    try:
+        for url in urls:
+            endpoints.append(PairEndpoint.listen(url, cfg.max_message))
+        host.links = [VcpuLink(host, i, ep) for i, ep in enumerate(endpoints)]
+        async with trio.open_nursery() as nursery:
+            for vl in host.links:
+                nursery.start_soon(vl.run)
+                nursery.start_soon(vl.ep.run_sender)
+            nursery.start_soon(host.timer_loop)
+            if cfg.announce:
+                print(f"READY {cfg.listen}", flush=True)
+            task_status.started(host)
+            await host.all_connected.wait()
+            await trio.sleep(cfg.duration_s)
+            await host.stop_all()
+            nursery.cancel_scope.cancel()
+    finally:
+        for ep in endpoints:
+            ep.close()
+        for url in urls:
+            remove_ipc_file(url)
+    results = host.results(monotonic_ns())
+    if cfg.results_path:
+        tmp = cfg.results_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(tmp, cfg.results_path)
+    return results

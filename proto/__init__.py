@@ -1,0 +1,1 @@
+"""vtick wire protocol: the CDDL schema, the codec, the link layer and shared time math."""

@@ -1,0 +1,235 @@
+"""Reliable delivery over an unreliable pipe: the sans-I/O link state machine.
+
+nng's Pair0 is not loss-free: a message whose send already succeeded is lost when its
+pipe is dropped (an oversize message, a peer that restarts while old data is unread;
+ecosystem-notes.md section 0.1), and nng's manual tells applications that need
+reliability to acknowledge at their own layer.  This module is that layer.  It does no
+I/O: ``send``/``receive``/``poll`` take time as an argument and queue bytes that the
+driver fetches with :meth:`Link.data_to_send`.
+
+Theory of operation
+-------------------
+* Sequenced messages (exits, replies, injections, reports, goodbye, ...) get numbers
+  1, 2, 3, ... per direction.  The receiver delivers number ``n`` only after ``n - 1``
+  (Pair0 keeps order on one pipe, so anything else is a loss or a duplicate).
+* Every frame carries ``a``, a cumulative acknowledgement.  The sender keeps each
+  sequenced frame until it is acknowledged.
+* A frame with a number already delivered is a duplicate (a retransmission that
+  crossed an ack): dropped and counted.  A number beyond the next one is a gap: the
+  frame is dropped and an ``ack`` with ``resend`` asks the peer to go back to ``a + 1``.
+  A control frame's ``s`` (the sender's highest number) reveals a gap even when no
+  data follows it.
+* Timer: if the oldest unacknowledged frame is older than ``rto_ns`` everything
+  unacknowledged is sent again (go-back-N); if nothing is acknowledged for
+  ``dead_after_ns`` the link fails with a :class:`LinkError` naming the numbers lost.
+* Pipe replaced: the driver calls :meth:`Link.resume` with the peer's ack from the
+  resume handshake; everything after it is retransmitted on the new pipe.
+* The send window is bounded; a full window is a LinkError, never a silent drop.
+* Acks are piggybacked on every frame; :meth:`Link.ack_owed` tells the driver when a
+  bare ``ack`` is due because nothing else is going out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE, Frame, decode, encode
+from vtick.proto.errors import ErrorCode, LinkError, RemoteProtocolError
+from vtick.proto.messages import Ack, Message
+
+__all__ = ["Link", "LinkStats", "DEFAULT_RTO_NS", "DEFAULT_DEAD_AFTER_NS", "DEFAULT_WINDOW"]
+
+DEFAULT_RTO_NS = 500_000_000
+DEFAULT_DEAD_AFTER_NS = 10_000_000_000
+DEFAULT_WINDOW = 4096
+#: a bare ack is owed after this many unacknowledged deliveries, even without a timer
+ACK_EVERY = 32
+
+
+@dataclass(slots=True)
+class LinkStats:
+    sent: int = 0
+    received: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    retransmitted: int = 0
+    resends_requested: int = 0
+    acks_sent: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    data: bytes
+    sent_at: int
+    kind: str
+
+
+@dataclass
+class Link:
+    """One direction pair of a host <-> vCPU link.  ``name`` appears in error messages."""
+
+    name: str
+    max_message: int = DEFAULT_MAX_MESSAGE
+    window: int = DEFAULT_WINDOW
+    rto_ns: int = DEFAULT_RTO_NS
+    dead_after_ns: int = DEFAULT_DEAD_AFTER_NS
+    stats: LinkStats = field(default_factory=LinkStats)
+
+    def __post_init__(self) -> None:
+        self.send_next = 1  # number the next sequenced frame gets
+        self.recv_next = 1  # number we deliver next
+        self.peer_acked = 0  # highest number the peer acknowledged
+        self.ack_sent = 0  # highest ``a`` we have put on the wire
+        self._unacked: deque[_Pending] = deque()
+        self._outbox: list[bytes] = []
+        self._last_progress: int | None = None  # when peer_acked last moved
+        self._resend_asked_at = -1  # recv_next when we last asked for a resend
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, msg: Message, now: int) -> None:
+        """Queue ``msg``.  Sequenced kinds get the next number and are kept until acked.
+
+        Raises:
+            LocalProtocolError: the message is invalid or too large (nothing queued).
+            LinkError: the send window is full: the peer has stopped acknowledging.
+        """
+        if not msg.SEQUENCED:
+            data = encode(msg, self.send_next - 1, self._ack_value(), self.max_message)
+            if isinstance(msg, Ack):
+                self.stats.acks_sent += 1
+            self._outbox.append(data)
+            return
+        if len(self._unacked) >= self.window:
+            raise LinkError(
+                f"{self.name}: send window of {self.window} full; peer has acknowledged "
+                f"nothing after {self.peer_acked}"
+            )
+        data = encode(msg, self.send_next, self._ack_value(), self.max_message)
+        if not self._unacked:
+            self._last_progress = now
+        self._unacked.append(_Pending(self.send_next, data, now, msg.RULE))
+        self.send_next += 1
+        self.stats.sent += 1
+        self._outbox.append(data)
+
+    def _ack_value(self) -> int:
+        self.ack_sent = self.recv_next - 1
+        return self.ack_sent
+
+    def data_to_send(self) -> list[bytes]:
+        """Frames queued since the last call, in order."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive(self, data: bytes, now: int) -> list[Message]:
+        """Process one frame from the peer; return the messages to act on, in order.
+
+        Control messages are always returned; a sequenced message only when it is the
+        next in order.
+
+        Raises:
+            RemoteProtocolError: the frame does not decode or breaks the protocol.
+        """
+        frame = decode(data, self.max_message)
+        self._on_ack(frame.ack, now)
+        msg = frame.msg
+        if not msg.SEQUENCED:
+            if isinstance(msg, Ack) and msg.resend:
+                self._retransmit(now, after=frame.ack)
+            if frame.seq >= self.recv_next:
+                # The peer has sent numbers we never got.
+                self._ask_resend()
+            return [msg]
+        return self._accept_sequenced(frame)
+
+    def _accept_sequenced(self, frame: Frame) -> list[Message]:
+        if frame.seq == self.recv_next:
+            self.recv_next += 1
+            self.stats.received += 1
+            return [frame.msg]
+        if frame.seq < self.recv_next:
+            self.stats.duplicates += 1
+            return []
+        self.stats.gaps += 1
+        self._ask_resend()
+        return []
+
+    def _ask_resend(self) -> None:
+        if self._resend_asked_at == self.recv_next:
+            return  # already asked for exactly this; the timer retransmits if it is lost
+        self._resend_asked_at = self.recv_next
+        self.stats.resends_requested += 1
+        self.send(Ack(resend=True), 0)
+
+    def _on_ack(self, ack: int, now: int) -> None:
+        if ack >= self.send_next:
+            raise RemoteProtocolError(
+                ErrorCode.UNEXPECTED,
+                f"{self.name}: peer acknowledges {ack} but only {self.send_next - 1} were sent",
+            )
+        if ack <= self.peer_acked:
+            return
+        self.peer_acked = ack
+        while self._unacked and self._unacked[0].seq <= ack:
+            self._unacked.popleft()
+        self._last_progress = now
+
+    # ------------------------------------------------------------------ timers and pipes
+
+    def ack_owed(self, force: bool = False) -> bool:
+        """True when deliveries are unacknowledged (and ACK_EVERY reached unless ``force``)."""
+        owed = self.recv_next - 1 - self.ack_sent
+        return owed > 0 and (force or owed >= ACK_EVERY)
+
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    def unacked_range(self) -> tuple[int, int] | None:
+        if not self._unacked:
+            return None
+        return self._unacked[0].seq, self._unacked[-1].seq
+
+    def next_deadline(self) -> int | None:
+        """When :meth:`poll` next has work (a retransmission), or None."""
+        if not self._unacked:
+            return None
+        return self._unacked[0].sent_at + self.rto_ns
+
+    def poll(self, now: int) -> None:
+        """Retransmit what has waited longer than the RTO.
+
+        Raises:
+            LinkError: nothing was acknowledged for ``dead_after_ns``.
+        """
+        if not self._unacked:
+            return
+        if self._last_progress is not None and now - self._last_progress >= self.dead_after_ns:
+            lo, hi = self._unacked[0].seq, self._unacked[-1].seq
+            kinds = sorted({p.kind for p in self._unacked})
+            raise LinkError(
+                f"{self.name}: messages {lo}..{hi} ({', '.join(kinds)}) unacknowledged for "
+                f"{(now - self._last_progress) / 1e9:.1f} s; the peer is gone or stuck"
+            )
+        if now - self._unacked[0].sent_at >= self.rto_ns:
+            self._retransmit(now, after=self.peer_acked)
+
+    def _retransmit(self, now: int, after: int) -> None:
+        for pending in self._unacked:
+            if pending.seq > after:
+                pending.sent_at = now
+                self._outbox.append(pending.data)
+                self.stats.retransmitted += 1
+
+    def resume(self, peer_ack: int, now: int) -> None:
+        """A new pipe replaced the old one: retransmit everything after ``peer_ack``."""
+        self._on_ack(peer_ack, now)
+        self._resend_asked_at = -1
+        self._retransmit(now, after=peer_ack)

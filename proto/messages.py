@@ -1,0 +1,243 @@
+"""Typed messages: a Python view of the rules in ``vtick.cddl``.
+
+Each class names its CDDL rule in ``RULE``; its kind number, its field types and ranges
+come from the schema, and ``vtick.proto.codec`` refuses to load if a class's fields and
+its rule's members differ.  The envelope (kind, sequence number, acknowledgement) is not
+part of these classes: the link layer owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+__all__ = [
+    "Message",
+    "Hello",
+    "Welcome",
+    "Refuse",
+    "Ack",
+    "Error",
+    "ExitMmioRead",
+    "ExitMmioWrite",
+    "ExitMsrRead",
+    "ExitMsrWrite",
+    "ExitPioIn",
+    "ExitPioOut",
+    "ExitHypercall",
+    "ExitHlt",
+    "Exit",
+    "ExitReply",
+    "Inject",
+    "Pvclock",
+    "Shutdown",
+    "Report",
+    "Goodbye",
+    "MESSAGE_CLASSES",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    RULE: ClassVar[str] = ""
+    #: sequenced kinds consume a sequence number, are acknowledged and retransmitted
+    SEQUENCED: ClassVar[bool] = True
+
+
+# ------------------------------------------------------------------ control kinds
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    RULE: ClassVar[str] = "hello"
+    SEQUENCED: ClassVar[bool] = False
+    version: int
+    features: int
+    vcpu: int
+    token: bytes
+    pid: int
+    resume: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    RULE: ClassVar[str] = "welcome"
+    SEQUENCED: ClassVar[bool] = False
+    version: int
+    features: int
+    vcpu: int
+    vcpus: int
+    session: int
+    max_message: int
+    tsc_khz: int
+    tsc_epoch: int
+    pvclock: dict[str, int]
+    workload: str
+    seed: int
+    params: dict[str, int] = field(default_factory=dict)
+    resumed: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse(Message):
+    RULE: ClassVar[str] = "refuse"
+    SEQUENCED: ClassVar[bool] = False
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    RULE: ClassVar[str] = "ack"
+    SEQUENCED: ClassVar[bool] = False
+    resend: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    RULE: ClassVar[str] = "error"
+    SEQUENCED: ClassVar[bool] = False
+    code: int
+    reason: str
+
+
+# ------------------------------------------------------------------ exits
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMmioRead(Message):
+    RULE: ClassVar[str] = "exit-mmio-read"
+    gpa: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMmioWrite(Message):
+    RULE: ClassVar[str] = "exit-mmio-write"
+    gpa: int
+    size: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMsrRead(Message):
+    RULE: ClassVar[str] = "exit-msr-read"
+    msr: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMsrWrite(Message):
+    RULE: ClassVar[str] = "exit-msr-write"
+    msr: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitPioIn(Message):
+    RULE: ClassVar[str] = "exit-pio-in"
+    port: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitPioOut(Message):
+    RULE: ClassVar[str] = "exit-pio-out"
+    port: int
+    size: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitHypercall(Message):
+    RULE: ClassVar[str] = "exit-hypercall"
+    nr: int
+    args: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ExitHlt(Message):
+    RULE: ClassVar[str] = "exit-hlt"
+
+
+Exit = (
+    ExitMmioRead
+    | ExitMmioWrite
+    | ExitMsrRead
+    | ExitMsrWrite
+    | ExitPioIn
+    | ExitPioOut
+    | ExitHypercall
+    | ExitHlt
+)
+
+
+# ------------------------------------------------------------------ host -> vCPU
+
+
+@dataclass(frozen=True, slots=True)
+class ExitReply(Message):
+    RULE: ClassVar[str] = "exit-reply"
+    re: int
+    value: int
+    fault: int
+    host_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Inject(Message):
+    RULE: ClassVar[str] = "inject"
+    vector: int
+    host_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pvclock(Message):
+    RULE: ClassVar[str] = "pvclock"
+    info: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    RULE: ClassVar[str] = "shutdown"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Message):
+    RULE: ClassVar[str] = "report"
+    events: int
+    early: int
+    spurious: int
+    exits: dict[str, int]
+    exit_rtt_ns: dict[str, int]
+    lateness_hdr: bytes
+    lateness_max: int
+    duration_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    RULE: ClassVar[str] = "goodbye"
+
+
+MESSAGE_CLASSES: tuple[type[Message], ...] = (
+    Hello,
+    Welcome,
+    Refuse,
+    Ack,
+    Error,
+    ExitMmioRead,
+    ExitMmioWrite,
+    ExitMsrRead,
+    ExitMsrWrite,
+    ExitPioIn,
+    ExitPioOut,
+    ExitHypercall,
+    ExitHlt,
+    ExitReply,
+    Inject,
+    Pvclock,
+    Shutdown,
+    Report,
+    Goodbye,
+)
