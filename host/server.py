@@ -49,6 +49,7 @@ __all__ = ["Host", "HostConfig", "serve"]
 SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER
 ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
+NEVER = 1 << 63
 EXIT_KINDS = {
     cls: cls.RULE.removeprefix("exit-")
     for cls in m.MESSAGE_CLASSES
@@ -165,7 +166,7 @@ class VcpuLink:
             for msg in msgs:
                 await self._dispatch(msg, data, pipe, now)
             self.flush()
-            self.host.kick()
+            self.host.kick_if_needed()
 
     def _try_hello(self, data: bytes) -> m.Hello | None:
         try:
@@ -313,12 +314,32 @@ class Host:
         self.pvtimer = PvTimer(self.machine)
         self.links: list[VcpuLink] = []
         self._wake = trio.Event()
+        self._sleeping_until = -1
         self.stopping = False
         self.all_connected = trio.Event()
         self.started_at: int | None = None
 
     def kick(self) -> None:
         self._wake.set()
+
+    def kick_if_needed(self) -> None:
+        """Wake the timer loop only if it now has an earlier deadline than it sleeps for."""
+        deadline = self.machine.next_deadline()
+        if deadline is not None and deadline < self._sleeping_until:
+            self._wake.set()
+            return
+        for vl in self.links:
+            if vl.link is not None:
+                d = vl.link.next_deadline()
+                if d is not None and d < self._sleeping_until:
+                    self._wake.set()
+                    return
+                if (
+                    vl.link.ack_owed(force=True)
+                    and self._sleeping_until > monotonic_ns() + ACK_DELAY_NS
+                ):
+                    self._wake.set()
+                    return
 
     def connected(self, link: VcpuLink) -> None:
         if all(vl.state is not LinkState.WAIT_HELLO for vl in self.links):
@@ -349,11 +370,13 @@ class Host:
                 if vl.link.ack_owed(force=True):
                     deadlines.append(monotonic_ns() + ACK_DELAY_NS)
             self._wake = trio.Event()
+            self._sleeping_until = min(deadlines) if deadlines else NEVER
             if deadlines:
-                with trio.move_on_at(trio_deadline(min(deadlines))):
+                with trio.move_on_at(trio_deadline(self._sleeping_until)):
                     await self._wake.wait()
             else:
                 await self._wake.wait()
+            self._sleeping_until = -1  # awake: nothing needs kicking
             now = monotonic_ns()
             self.machine.on_timer(now)
             self.run_actions()

@@ -29,6 +29,12 @@ __all__ = [
     "trio_deadline",
 ]
 
+#: how to wait for a message: "fd" (trio waits on nng's receive-notification fd, then a
+#: non-blocking recv) or "arecv" (pynng's trio integration).  The environment variable
+#: lets the transport benchmark compare both across processes.
+RECV_METHOD_ENV = "VTICK_NNG_RECV"
+RECV_METHODS = ("fd", "arecv")
+
 #: nng reconnect back-off for dialers (nng #1964: an ipc dialer without a minimum spins)
 RECONNECT_MIN_MS = 10
 RECONNECT_MAX_MS = 200
@@ -84,18 +90,21 @@ class PipeEvent:
 class PairEndpoint:
     """One Pair0 socket with trio-side pipe events.
 
-    Receiving uses pynng's trio integration (``arecv_msg``), which also tells which pipe
-    a message came on.  Waiting on nng's receive-notification fd with
-    ``trio.lowlevel.wait_readable`` and taking messages with ``recv(block=False)`` is no
-    faster in the transport benchmark and, in full runs, missed a wake-up about once in
-    ten 1.5 s runs (a vCPU stalled until the next message arrived), so it is not used;
-    docs/protocol.md has the numbers.  Sending tries the non-blocking path first and only
+    Receiving waits with ``trio.lowlevel.wait_readable`` on nng's receive-notification
+    fd (level-triggered: readable while a message is queued) and then takes the message
+    with a non-blocking ``recv_msg``, which also names the pipe it came on.  pynng's
+    ``arecv`` allocates an nng aio per call and wakes trio from an nng thread; the
+    transport benchmark measures both in the same run (``vtick bench transport``) and
+    the fd path is faster.  Sending tries the non-blocking path first and only
     awaits when nng's queue is full (Pair0 applies back-pressure, it does not drop).
     A frame nng does not take at once waits in a backlog drained by one sender task, so
     frames leave in the order they were produced and no receive loop waits on a send.
     """
 
-    def __init__(self, sock: pynng.Pair0, max_message: int) -> None:
+    def __init__(self, sock: pynng.Pair0, max_message: int, recv_method: str | None = None) -> None:
+        self.recv_method = recv_method or os.environ.get(RECV_METHOD_ENV, "fd")
+        if self.recv_method not in RECV_METHODS:
+            raise ValueError(f"{RECV_METHOD_ENV}={self.recv_method!r}: use one of {RECV_METHODS}")
         self.sock = sock
         self.max_message = max_message
         self._token = trio.lowlevel.current_trio_token()
@@ -104,6 +113,7 @@ class PairEndpoint:
         self.pipe_events = recv
         self.current_pipe: pynng.Pipe | None = None
         self._closed = False
+        self._recv_fd: int | None = None
         self._backlog: deque[bytes] = deque()
         self._backlog_ready = trio.Event()
         sock.add_post_pipe_connect_cb(self._on_add)
@@ -121,13 +131,13 @@ class PairEndpoint:
         return ep
 
     @classmethod
-    def dial(cls, url: str, max_message: int) -> PairEndpoint:
+    def dial(cls, url: str, max_message: int, recv_method: str | None = None) -> PairEndpoint:
         sock = pynng.Pair0(
             recv_max_size=max_message,
             reconnect_time_min=RECONNECT_MIN_MS,
             reconnect_time_max=RECONNECT_MAX_MS,
         )
-        ep = cls(sock, max_message)
+        ep = cls(sock, max_message, recv_method)
         # block=False: keep retrying in the background until the host is there
         sock.dial(url, block=False)
         return ep
@@ -145,9 +155,27 @@ class PairEndpoint:
 
     async def recv(self) -> tuple[bytes, pynng.Pipe]:
         """The next message and the pipe it came on.  Raises pynng.Closed after close()."""
-        msg = await self.sock.arecv_msg()
-        self.current_pipe = msg.pipe
-        return msg.bytes, msg.pipe
+        if self.recv_method == "arecv":
+            msg = await self.sock.arecv_msg()
+            self.current_pipe = msg.pipe
+            return msg.bytes, msg.pipe
+        if self._recv_fd is None:
+            self._recv_fd = self.sock.recv_fd
+        while True:
+            if self._closed:
+                raise pynng.Closed
+            try:
+                msg = self.sock.recv_msg(block=False)
+            except pynng.TryAgain:
+                try:
+                    await trio.lowlevel.wait_readable(self._recv_fd)
+                except trio.ClosedResourceError:
+                    raise pynng.Closed from None
+                continue
+            # data was already there: still give other tasks their turn
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self.current_pipe = msg.pipe
+            return msg.bytes, msg.pipe
 
     def send(self, frames: list[bytes]) -> None:
         """Send ``frames`` in order without ever waiting.
@@ -192,6 +220,9 @@ class PairEndpoint:
             return
         self._closed = True
         self._backlog_ready.set()
+        if self._recv_fd is not None:
+            with contextlib.suppress(Exception):
+                trio.lowlevel.notify_closing(self._recv_fd)
         self.sock.close()
 
 
