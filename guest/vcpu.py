@@ -86,6 +86,8 @@ class GuestVcpu:
         self._outstanding: int | None = None
         self.stats = GuestStats()
         self.pipes_seen = 0
+        self.storm: TimerStorm | None = None
+        self.duration_ns = 0
 
     # ------------------------------------------------------------------ clock
 
@@ -270,8 +272,8 @@ class GuestVcpu:
         stats = self.stats
         self.link.send(
             m.Report(
-                events=storm.events,
-                early=storm.early,
+                events=storm.events if storm else 0,
+                early=storm.early if storm else 0,
                 spurious=stats.spurious,
                 exits=dict(stats.exits),
                 exit_rtt_ns=dict(stats.exit_rtt_ns),

@@ -1,0 +1,403 @@
+"""End-to-end tests with real host and vCPU processes over real sockets.
+
+Real clock only (trio's autojump clock misfires with pynng's threads), short runs, hard
+timeouts, and every test checks that it left no process and no socket file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pynng
+import pytest
+import trio
+
+from vtick.host.launcher import RunOptions, launch
+from vtick.proto import messages as m
+from vtick.proto.abi import Hypercall
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
+from vtick.proto.errors import ErrorCode
+from vtick.proto.transport import link_url
+
+pytestmark = pytest.mark.processes
+
+VTICK = [sys.executable, "-m", "vtick.host"]
+
+
+def _tmp_dirs() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "vtick-*")))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split(") ", 1)[1][0] != "Z"
+    return False
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError), open(stat) as fh:
+            fields = fh.read().rsplit(") ", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.split("/")[2]))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode()
+    return ""
+
+
+def _free_ports(n: int) -> int:
+    """A base port with n consecutive free ports after it (best effort)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65000:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _check_run(results: dict, vcpus: int) -> None:
+    assert results["ok"], results
+    assert len(results["vcpus"]) == vcpus
+    for v in results["vcpus"]:
+        g = v["guest"]
+        assert g is not None
+        assert g["events"] > 0
+        assert g["early"] == 0 or g["early"] < g["events"]
+        # every programmed timer took exactly one PV hypercall; the host saw the same exits
+        assert g["exits"]["hypercall"] == v["host_exits"]["hypercall"]["count"]
+        assert g["exits"]["hlt"] == v["host_exits"]["hlt"]["count"]
+        assert v["link_errors"] == []
+        assert v["sessions"] == 1
+    assert results["cleanup"]["ipc_leftovers"] == []
+
+
+async def test_run_two_vcpus_over_ipc(tmp_path) -> None:
+    before = _tmp_dirs()
+    out = tmp_path / "r.json"
+    with trio.fail_after(40):
+        results = await launch(RunOptions(vcpus=2, duration_s=1.0), str(out))
+    _check_run(results, 2)
+    assert json.loads(out.read_text())["ok"] is True
+    assert _tmp_dirs() - before == set(), "run directory left behind"
+
+
+async def test_run_over_tcp(tmp_path) -> None:
+    base = _free_ports(2)
+    with trio.fail_after(40):
+        results = await launch(
+            RunOptions(vcpus=2, duration_s=0.8, listen=f"tcp://127.0.0.1:{base}"),
+            str(tmp_path / "r.json"),
+        )
+    _check_run(results, 2)
+
+
+def test_cli_run_prints_summary_and_json(tmp_path) -> None:
+    out = tmp_path / "res.json"
+    proc = subprocess.run(
+        [*VTICK, "run", "--vcpus", "2", "--duration", "0.8", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "late p99" in proc.stdout
+    assert "exits by kind:" in proc.stdout
+    data = json.loads(out.read_text())
+    assert {"p50", "p99", "max"} <= set(data["summary"][0]["lateness_ns"])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--vcpus", "0"], "must be at least 1"),
+        (["run", "--vcpus", "many"], "is not an integer"),
+        (["run", "--duration", "-1"], "duration"),
+        (["run", "--listen", "tcp://127.0.0.1"], "explicit port"),
+        (["run", "--listen", "udp://x:1"], "unsupported transport"),
+        (["run", "--param", "timers"], "NAME=INTEGER"),
+    ],
+)
+def test_bad_command_line_values(args, needle) -> None:
+    proc = subprocess.run([*VTICK, *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+
+
+def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path) -> None:
+    before = _tmp_dirs()
+    launcher = subprocess.Popen(
+        [*VTICK, "run", "--vcpus", "2", "--duration", "20", "--json", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        victim = None
+        family: set[int] = set()
+        deadline = time.monotonic() + 20
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            for pid in _children_of(launcher.pid):
+                family.add(pid)
+                if "guest" in _cmdline(pid) and "--vcpu 1" in _cmdline(pid):
+                    victim = pid
+        assert victim is not None, "vCPU 1 never started"
+        time.sleep(1.0)  # let it run a little
+        family.update(_children_of(launcher.pid))
+        os.kill(victim, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert f"vCPU 1 (pid {victim}) killed by signal SIGKILL" in err
+    time.sleep(0.2)
+    assert [p for p in family if _alive(p)] == [], "orphaned processes"
+    assert _tmp_dirs() - before == set()
+
+
+def test_sigterm_stops_everything(tmp_path) -> None:
+    before = _tmp_dirs()
+    launcher = subprocess.Popen(
+        [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 20
+        while len(family) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            family.update(_children_of(launcher.pid))
+        assert len(family) == 3, "host and two vCPUs should be running"
+        time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "interrupted by SIGTERM" in err
+    time.sleep(0.2)
+    assert [p for p in family if _alive(p)] == []
+    assert _tmp_dirs() - before == set()
+
+
+# ---------------------------------------------------------------------- a standalone host
+
+
+class StandaloneHost:
+    """``vtick host`` in a private 0700 directory, with its token in the environment."""
+
+    def __init__(self, vcpus: int, duration: float) -> None:
+        self.dir = tempfile.mkdtemp(prefix="vtick-test-")
+        self.url = f"ipc://{self.dir}/link"
+        self.token = secrets.token_bytes(32)
+        self.results = os.path.join(self.dir, "results.json")
+        self.env = dict(os.environ, VTICK_TOKEN=self.token.hex())
+        self.proc = subprocess.Popen(
+            [
+                *VTICK,
+                "host",
+                "--listen",
+                self.url,
+                "--vcpus",
+                str(vcpus),
+                "--duration",
+                str(duration),
+                "--results",
+                self.results,
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().startswith("READY")
+
+    def guest(self, vcpu: int, token: bytes | None = None) -> subprocess.Popen:
+        env = dict(self.env, VTICK_TOKEN=(token or self.token).hex())
+        return subprocess.Popen(
+            [*VTICK, "guest", "--connect", self.url, "--vcpu", str(vcpu)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def finish(self, timeout: float = 40) -> tuple[int, dict, str]:
+        _, err = self.proc.communicate(timeout=timeout)
+        with open(self.results) as fh:
+            results = json.load(fh)
+        return self.proc.returncode, results, err
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
+        for name in os.listdir(self.dir):
+            assert name == "results.json", f"left behind: {name}"
+        import shutil
+
+        shutil.rmtree(self.dir)
+
+
+def test_wrong_token_and_garbage_are_refused_and_others_served() -> None:
+    host = StandaloneHost(vcpus=1, duration=1.0)
+    try:
+        # a stranger sends garbage on vCPU 0's link: refused, pipe closed
+        with pynng.Pair0(dial=link_url(host.url, 0), recv_timeout=3000) as stranger:
+            stranger.send(b"\xff\x00garbage")
+            refusal = decode(stranger.recv())
+            assert isinstance(refusal.msg, m.Refuse)
+            assert refusal.msg.code == ErrorCode.BAD_CBOR
+        # a process with the wrong token: refused, exits 3, says why
+        impostor = host.guest(0, token=secrets.token_bytes(32))
+        _, err = impostor.communicate(timeout=20)
+        assert impostor.returncode == 3
+        assert "wrong token" in err
+        # the real vCPU is still served
+        good = host.guest(0)
+        code, results, _ = host.finish()
+        good.communicate(timeout=20)
+        assert good.returncode == 0
+        assert code == 0
+        v = results["vcpus"][0]
+        assert v["guest"]["events"] > 0
+        assert v["refused"].get("wrong token") == 1
+        assert sum(v["refused"].values()) == 2
+    finally:
+        host.cleanup()
+
+
+def test_restarted_vcpu_process_is_reported_not_silent() -> None:
+    """Loss case 2: a vCPU process dies and a new one takes its place.
+
+    Whatever the old process had not acknowledged is gone with it; the host must say so
+    (and which messages), serve the new process, and end the run as not ok.
+    """
+    host = StandaloneHost(vcpus=1, duration=3.0)
+    try:
+        first = host.guest(0)
+        time.sleep(1.2)
+        first.kill()
+        first.communicate()
+        second = host.guest(0)
+        code, results, err = host.finish()
+        second.communicate(timeout=20)
+        assert second.returncode == 0
+        v = results["vcpus"][0]
+        assert v["sessions"] == 2
+        assert len(v["link_errors"]) == 1
+        assert "replaced by a new process" in v["link_errors"][0]
+        assert v["guest"]["events"] > 0  # the new process was served
+        assert code == 1
+        assert results["ok"] is False
+        assert "replaced by a new process" in err
+    finally:
+        host.cleanup()
+
+
+async def test_oversize_frame_drops_pipe_and_link_retransmits() -> None:
+    """Loss case 1: a frame over the receiver's recv_max_size makes nng drop the pipe,
+    and the next frame on it is lost although its send succeeded.  The vtick link must
+    notice the new pipe, resume the session and retransmit, so the exit that followed
+    the oversize frame is answered exactly once."""
+    from vtick.guest.vcpu import GuestConfig, GuestVcpu
+    from vtick.proto.transport import PairEndpoint
+
+    host = StandaloneHost(vcpus=1, duration=4.0)
+    try:
+        vcpu = GuestVcpu(GuestConfig(connect=host.url, vcpu=0, token=host.token))
+        vcpu.ep = PairEndpoint.dial(link_url(host.url, 0), DEFAULT_MAX_MESSAGE)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(vcpu.ep.run_sender)
+                nursery.start_soon(vcpu.receive_loop)
+                nursery.start_soon(vcpu.pipe_loop)
+                nursery.start_soon(vcpu.tick_loop)
+                await vcpu.hello_loop()
+                reply = await vcpu.exit(
+                    m.ExitHypercall(nr=Hypercall.VTICK_TIMER_SHUTDOWN, args=[0])
+                )
+                assert reply.value == 0
+                # bypass the sender-side size check, as a buggy peer would
+                vcpu.ep.sock.send(b"\x00" * (DEFAULT_MAX_MESSAGE + 1))
+                reply = await vcpu.exit(m.ExitHypercall(nr=0x5654_00FF, args=[7]))
+                assert reply.value == -1000  # answered, exactly once (re matched)
+                assert vcpu.pipes_seen >= 2, "nng should have replaced the pipe"
+                assert vcpu.link.stats.retransmitted >= 1
+                # finish the run properly
+                vcpu.shutdown_requested = False
+                while not vcpu.shutdown_requested:
+                    await vcpu.exit(m.ExitHlt())
+                await vcpu.finish()
+                nursery.cancel_scope.cancel()
+        vcpu.ep.close()
+        code, results, err = host.finish()
+        v = results["vcpus"][0]
+        assert v["sessions"] == 1
+        assert v["host_exits"]["hypercall"]["count"] == 2
+        assert "resumed" in err
+        assert code == 0
+    finally:
+        host.cleanup()
+
+
+def test_sender_refuses_oversize_before_sending() -> None:
+    big = m.Report(
+        events=0,
+        early=0,
+        spurious=0,
+        exits={},
+        exit_rtt_ns={},
+        lateness_hdr=b"x" * 32768,
+        lateness_max=0,
+        duration_ns=0,
+    )
+    from vtick.proto.errors import LocalProtocolError
+
+    with pytest.raises(LocalProtocolError) as info:
+        encode(big, 1, 0, max_size=1024)
+    assert info.value.code == ErrorCode.OVERSIZE
+
+
+async def test_launch_reports_bad_listen_url(tmp_path) -> None:
+    with pytest.raises(ValueError, match="explicit port"):
+        await launch(
+            RunOptions(vcpus=1, duration_s=0.5, listen="tcp://127.0.0.1"), str(tmp_path / "r.json")
+        )
