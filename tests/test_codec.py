@@ -129,7 +129,7 @@ def test_round_trip_and_cddl(cls, data, seq, ack):
 
 
 def test_text_size_counts_utf8_bytes():
-    """.size on tstr bounds the UTF-8 byte count, not characters: 128 four-byte chars fit, 129 not."""
+    """tstr .size bounds UTF-8 bytes, not chars: 128 four-byte chars fit, 129 do not."""
     ok = m.Shutdown(reason="😀" * 128)
     assert codec.decode(codec.encode(ok, 1, 0)).msg == ok
     with pytest.raises(LocalProtocolError) as exc:
@@ -270,8 +270,9 @@ SCHEMA_INVALID_BY_ID = {
 }
 
 
-@pytest.mark.parametrize(("data", "code", "text"), [c[1:] for c in SCHEMA_INVALID],
-                         ids=[c[0] for c in SCHEMA_INVALID])
+@pytest.mark.parametrize(
+    ("data", "code", "text"), [c[1:] for c in SCHEMA_INVALID], ids=[c[0] for c in SCHEMA_INVALID]
+)
 def test_schema_invalid_rejected_by_both(data, code, text):
     """Both validators reject well-formed CBOR that breaks the schema; decode names the problem."""
     with pytest.raises(RemoteProtocolError) as exc:
@@ -281,7 +282,9 @@ def test_schema_invalid_rejected_by_both(data, code, text):
     assert not cddl_valid(data)
 
 
-@pytest.mark.parametrize(("data", "text"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+@pytest.mark.parametrize(
+    ("data", "text"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
 def test_malformed_cbor_rejected_by_both(data, text):
     """Input that is not exactly one well-formed CBOR item is BAD_CBOR and fails CDDL too."""
     with pytest.raises(RemoteProtocolError) as exc:
@@ -303,9 +306,10 @@ def test_indefinite_length_map_is_refused():
         codec.decode(data)
     assert exc.value.code is ErrorCode.BAD_CBOR
     assert "indefinite" in str(exc.value)
-    indefinite_text = b"\xa1" + cbor2.dumps("k")[:0] + b"\x7f\x61k\xff" + cbor2.dumps(4)
+    indefinite_key = b"\xa3\x7f\x61k\xff\x04" + _BASE_BYTES[3:9]  # key "k" as (_ "k")
+    assert cbor2.loads(indefinite_key) == {"k": 4, "s": 1, "a": 0}
     with pytest.raises(RemoteProtocolError, match="indefinite"):
-        codec.decode(indefinite_text)
+        codec.decode(indefinite_key)
 
 
 def _tag_head(tag: int) -> bytes:
@@ -364,7 +368,9 @@ def test_tag_in_nested_map_key_is_refused():
     # replace the empty "exits" map with {tag 0("x"): 1}
     empty_exits = cbor2.dumps("exits") + b"\xa0"
     assert valid.count(empty_exits) == 1
-    bad = valid.replace(empty_exits, cbor2.dumps("exits") + b"\xa1\xc0" + cbor2.dumps("x") + b"\x01")
+    bad = valid.replace(
+        empty_exits, cbor2.dumps("exits") + b"\xa1\xc0" + cbor2.dumps("x") + b"\x01"
+    )
     with pytest.raises(RemoteProtocolError, match="tag"):
         codec.decode(bad)
 
@@ -420,12 +426,15 @@ def test_decode_refuses_oversize():
 
 
 def _decode_or_none(data: bytes):
+    """The Frame, or None after checking the RemoteProtocolError carries a code and a text."""
+    error = None
     try:
         return codec.decode(data)
     except RemoteProtocolError as exc:
-        assert isinstance(exc.code, ErrorCode)
-        assert str(exc)
-        return None
+        error = exc
+    assert isinstance(error.code, ErrorCode)
+    assert str(error)
+    return None
 
 
 @settings(max_examples=300, deadline=None)
@@ -442,7 +451,7 @@ def test_fuzz_arbitrary_bytes(data):
 def mutated_encodings(draw):
     msg = draw(ANY_MESSAGE)
     wire = bytearray(codec.encode(msg, draw(U64), draw(U64)))
-    for _ in range(draw(st.integers(1, 4))):
+    for _ in range(draw(st.sampled_from([1, 1, 1, 2, 4]))):
         op = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "set"]))
         if not wire:
             break
@@ -456,7 +465,9 @@ def mutated_encodings(draw):
         elif op == "delete":
             del wire[i]
         else:
-            wire[i] = draw(st.sampled_from([0x00, 0x18, 0x1B, 0x5B, 0x7F, 0x9F, 0xBF, 0xC2, 0xF9, 0xFF]))
+            wire[i] = draw(
+                st.sampled_from([0x00, 0x18, 0x1B, 0x5B, 0x7F, 0x9F, 0xBF, 0xC2, 0xF9, 0xFF])
+            )
     return bytes(wire)
 
 
@@ -481,32 +492,41 @@ PVC = {
     "flags": 5,
 }
 GOLDEN = [
-    (m.Ack(resend=True), 3, 7, "a4616b04617303616107667265736e64f5"),
+    (m.Ack(resend=True), 3, 7, "a4 616b04 617303 616107 66726573656e64f5"),
     (
         m.ExitMmioRead(gpa=0xFEE00380, size=4),
         1,
         0,
-        "a5616b1061730161610063677061 1afee0038064 73697a6504",
+        "a5 616b10 617301 616100 636770611afee00380 6473697a6504",
     ),
     (
         m.ExitReply(re=5, value=-22, fault=0, host_ns=1234),
         9,
         5,
-        "a7616b182061730961610562726505 6576616c75653555 666661756c7400 67686f73745f6e731904d2",
+        "a7 616b1820 617309 616105 62726505 6576616c756535 656661756c7400 67686f73745f6e731904d2",
     ),
     (
         m.ExitHypercall(nr=0x56540001, args=[2**64 - 1, 1]),
         2,
         1,
-        "a5616b16617302616101626e721a56540001 646172677382 1bffffffffffffffff01",
+        "a5 616b16 617302 616101 626e721a56540001 6461726773821bffffffffffffffff01",
     ),
     (
         m.Pvclock(info=PVC),
         4,
         0,
-        "a4616b182261730461610064696e666fa6 6776657273696f6e02 6d7473635f74696d657374616d701903e8"
-        " 6b73797374656d5f74696d6505 71747363 5f746f5f73797374656d5f6d756c1a80000000"
-        " 6974736f5f73686966742067 666c61677305",
+        "a4 616b1822 617304 616100 64696e666fa6 6776657273696f6e02"
+        " 6d7473635f74696d657374616d701903e8 6b73797374656d5f74696d6505"
+        " 717473635f746f5f73797374656d5f6d756c1a80000000 697473635f736869667420"
+        " 65666c61677305",
+    ),
+    (
+        m.Hello(version=1, features=3, vcpu=0, token=bytes(range(32)), pid=4242),
+        0,
+        0,
+        "a8 616b01 617300 616100 6776657273696f6e01 686665617475726573 03 6476637075 00"
+        " 65746f6b656e5820000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        " 63706964191092",
     ),
 ]
 
