@@ -93,7 +93,8 @@ class GuestVcpu:
 
     def ktime(self) -> int:
         """Guest CLOCK_MONOTONIC through kvmclock: TSC read, then pvclock scaling."""
-        assert self.tsc is not None and self.pvclock is not None
+        assert self.tsc is not None
+        assert self.pvclock is not None
         return self.pvclock.ktime(self.tsc.tsc(monotonic_ns()))
 
     # ------------------------------------------------------------------ link I/O

@@ -208,7 +208,7 @@ def _cmd_guest(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from vtick.host.launcher import RunFailed, RunOptions, launch
+    from vtick.host.launcher import RunFailed, RunOptions, launch, write_json
     from vtick.host.summary import format_summary, summarize
 
     opts = RunOptions(
@@ -228,10 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vtick run: {exc}", file=sys.stderr)
         return 1
     summarize(results)
-    import json
-
-    with open(args.json, "w") as fh:
-        json.dump(results, fh, indent=1)
+    write_json(args.json, results)
     print(format_summary(results))
     print(f"\nresults: {args.json}")
     return 0 if results["ok"] else 1

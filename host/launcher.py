@@ -14,6 +14,7 @@ status; SIGINT and SIGTERM stop everything.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -27,7 +28,7 @@ import trio
 
 from vtick.proto.transport import link_url
 
-__all__ = ["RunOptions", "RunFailed", "launch", "describe_status"]
+__all__ = ["RunOptions", "RunFailed", "launch", "describe_status", "write_json"]
 
 READY_TIMEOUT_S = 15.0
 TERM_GRACE_S = 2.0
@@ -94,8 +95,6 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
     Raises:
         RunFailed: a process failed, timed out, or the run was interrupted.
     """
-    import json
-
     run_dir = tempfile.mkdtemp(prefix="vtick-")  # mkdtemp creates it 0700
     token = secrets.token_bytes(32)
     listen = opts.listen or f"ipc://{run_dir}/link"
@@ -154,22 +153,35 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
             nursery.cancel_scope.cancel()
     finally:
         await children.stop_all()
-        leftovers = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-        results = None
-        if os.path.exists(host_results):
-            with open(host_results) as fh:
-                results = json.load(fh)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if results is not None:
-            leftovers = [f for f in leftovers if f != "results.json"]
-            results.setdefault("cleanup", {})["ipc_leftovers"] = leftovers
+        results = _collect_and_remove(run_dir, host_results)
     if failure:
         raise RunFailed(failure[0])
     if results is None:
         raise RunFailed(f"host wrote no results ({describe_status(host.returncode or 0)})")
-    with open(results_path, "w") as fh:
-        json.dump(results, fh, indent=1)
+    write_json(results_path, results)
     return results
+
+
+def _collect_and_remove(run_dir: str, host_results: str) -> dict | None:
+    """Read the host's results, note anything else left in the run dir, remove the dir."""
+    leftovers = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    results = None
+    if os.path.exists(host_results):
+        with open(host_results) as fh:
+            results = json.load(fh)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if results is not None:
+        leftovers = [f for f in leftovers if f != os.path.basename(host_results)]
+        results.setdefault("cleanup", {})["ipc_leftovers"] = leftovers
+    return results
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
 
 
 async def _wait_ready(host: trio.Process) -> None:

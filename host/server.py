@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
-import os
 import secrets
 import sys
 import time
@@ -29,6 +27,7 @@ import pynng
 import trio
 
 from vtick.host.devices.pvtimer import PvTimer
+from vtick.host.launcher import write_json
 from vtick.host.machine import CompleteHlt, InjectIrq, Machine
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
@@ -417,11 +416,13 @@ class Host:
                     vl.record_error(f"no report/goodbye within {self.cfg.report_timeout_s} s")
         # Let the final acks of our goodbyes arrive before closing.
         with trio.move_on_after(0.5):
-            while any(
+            while any(  # noqa: ASYNC110
                 vl.link is not None and vl.link.unacked()
                 for vl in self.links
                 if vl.state is LinkState.DONE
             ):
+                # acks arrive on the receive loops; a short poll is simpler than an
+                # event per link for this one-off wait of at most 0.5 s
                 await trio.sleep(0.01)
 
     def results(self, ended_ns: int) -> dict[str, Any]:
@@ -512,8 +513,5 @@ async def serve(
             remove_ipc_file(url)
     results = host.results(monotonic_ns())
     if cfg.results_path:
-        tmp = cfg.results_path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(tmp, cfg.results_path)
+        write_json(cfg.results_path, results)
     return results

@@ -71,7 +71,8 @@ def format_summary(results: dict[str, Any]) -> str:
         late = r["lateness_ns"]
         lines.append(
             f"{r['vcpu']:>4} {r['events']:>8} {r['early']:>6} {sum(r['exits'].values()):>8} "
-            f"{r['exits_per_event'] or 0:>8} {us(rtt.get('hypercall')):>13} {us(rtt.get('hlt')):>9} "
+            f"{r['exits_per_event'] or 0:>8} {us(rtt.get('hypercall')):>13} "
+            f"{us(rtt.get('hlt')):>9} "
             f"{us(late['p50']):>9} {us(late['p99']):>9} {us(late['max']):>9}"
         )
     kinds: dict[str, int] = {}
