@@ -12,6 +12,7 @@ Exit codes: 0 done, 2 no host reached, 3 refused, 4 protocol error, 5 link lost.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -25,6 +26,7 @@ from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature, Hypercall, Vector
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE
 from vtick.proto.errors import LinkError, ProtocolError
+from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import PvclockInfo, TscModel
 from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
@@ -166,9 +168,13 @@ class GuestVcpu:
             self.link.resume(self.link.peer_acked, monotonic_ns())
             return
         if self.welcome is not None:
+            if msg.session == self.welcome.session:
+                return  # the answer to a repeated hello: already welcomed
             raise GuestFatal(4, f"{self.name}: second welcome for a fresh session")
         if msg.vcpu != self.cfg.vcpu:
             raise GuestFatal(4, f"{self.name}: host welcomed vCPU {msg.vcpu}")
+        if not msg.features & Feature.PV_TIMER:
+            raise GuestFatal(4, f"{self.name}: host does not offer the PV timer device")
         self.welcome = msg
         self.link.max_message = msg.max_message
         self.tsc = TscModel(msg.tsc_khz, msg.tsc_epoch, 0)
@@ -296,6 +302,12 @@ class GuestVcpu:
         await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
 
 
+async def _orphan_guard(name: str) -> None:
+    await watch_parent()
+    if os.environ.get(PARENT_ENV):
+        raise GuestFatal(1, f"{name}: the launcher is gone")
+
+
 async def run_guest(cfg: GuestConfig) -> int:
     """Run one vCPU until the host ends the run; return the process exit status."""
     vcpu = GuestVcpu(cfg)
@@ -308,6 +320,14 @@ async def run_guest(cfg: GuestConfig) -> int:
     fatal: GuestFatal | None = None
     try:
         async with trio.open_nursery() as nursery:
+
+            def stopped(signum: int) -> None:
+                raise GuestFatal(
+                    128 + signum, f"{vcpu.name}: stopped by {signal.Signals(signum).name}"
+                )
+
+            await nursery.start(watch_signals, stopped)
+            nursery.start_soon(_orphan_guard, vcpu.name)
             nursery.start_soon(vcpu.ep.run_sender)
             nursery.start_soon(vcpu.receive_loop)
             nursery.start_soon(vcpu.pipe_loop)

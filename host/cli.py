@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -15,8 +12,6 @@ import trio
 __all__ = ["main"]
 
 TOKEN_ENV = "VTICK_TOKEN"
-PARENT_ENV = "VTICK_PARENT_PID"
-PR_SET_PDEATHSIG = 1
 
 
 def _positive_int(text: str) -> int:
@@ -120,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     host.add_argument("--duration", type=_duration, default=5.0)
     host.add_argument("--results", default=None, help="write results JSON here")
     host.add_argument(
+        "--connect-timeout",
+        type=_duration,
+        default=30.0,
+        help="seconds to wait for every vCPU to connect",
+    )
+    host.add_argument(
         "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
     )
     _workload_args(host)
@@ -160,22 +161,9 @@ def _read_token(token_file: str | None) -> bytes:
     return token
 
 
-def _die_with_parent() -> None:
-    """When launched by ``vtick run``: exit if the launcher dies, so no orphan remains."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if str(os.getppid()) != parent:  # the launcher died before prctl took effect
-        raise SystemExit(1)
-
-
 def _cmd_host(args: argparse.Namespace) -> int:
     from vtick.host.server import HostConfig, serve
 
-    _die_with_parent()
     cfg = HostConfig(
         listen=args.listen,
         vcpus=args.vcpus,
@@ -185,6 +173,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         seed=args.seed,
         params=dict(args.param),
         results_path=args.results,
+        connect_timeout_s=args.connect_timeout,
     )
     try:
         results = trio.run(serve, cfg)
@@ -199,7 +188,6 @@ def _cmd_host(args: argparse.Namespace) -> int:
 def _cmd_guest(args: argparse.Namespace) -> int:
     from vtick.guest.vcpu import GuestConfig, run_guest
 
-    _die_with_parent()
     cfg = GuestConfig(connect=args.connect, vcpu=args.vcpu, token=_read_token(args.token_file))
     try:
         return trio.run(run_guest, cfg)

@@ -3,9 +3,9 @@
 Every child is a real OS process in its own session (process group), so cleanup reaches
 anything it started.  The per-run secret token travels in the environment (never on a
 command line, where ``ps`` shows it), and ipc sockets live in a private 0700 directory
-that is removed at the end whatever happened.  Children also ask the kernel to kill
-them if the launcher dies (PR_SET_PDEATHSIG), so even ``kill -9`` of the launcher
-leaves no orphan running.
+that is removed at the end whatever happened.  Children also watch the launcher's pid
+and stop when it is gone, so even ``kill -9`` of the launcher leaves no orphan running
+(see vtick.proto.lifecycle for why that is not PR_SET_PDEATHSIG).
 
 A vCPU that exits with a non-zero status ends the run with an error naming it and its
 status; SIGINT and SIGTERM stop everything.
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
 __all__ = ["RunOptions", "RunFailed", "launch", "describe_status", "write_json"]
@@ -103,7 +104,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
     host_results = os.path.join(run_dir, "results.json")
     env = dict(os.environ)
     env["VTICK_TOKEN"] = token.hex()
-    env["VTICK_PARENT_PID"] = str(os.getpid())
+    env[PARENT_ENV] = str(os.getpid())
     children = _Children()
     failure: list[str] = []
     try:

@@ -76,6 +76,8 @@ class VcpuState:
     halted_exit: int | None = None  # seq of the exit-hlt awaiting its answer
     unclaimed: Counter[str] = field(default_factory=Counter)
     injected: int = 0
+    #: feature bits negotiated in this vCPU's handshake; devices gate on them
+    features: int = 0
 
     def raise_irq(self, vector: int, now: int) -> None:
         """Make ``vector`` pending for this vCPU: inject it and wake the vCPU if halted."""

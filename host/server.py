@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import secrets
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -33,6 +34,7 @@ from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
+from vtick.proto.lifecycle import watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import TscModel
 from vtick.proto.transport import (
@@ -69,6 +71,7 @@ class HostConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     results_path: str | None = None
     report_timeout_s: float = 10.0
+    connect_timeout_s: float = 30.0
     #: print a READY line on stdout once every link is listening (for the launcher)
     announce: bool = True
 
@@ -98,6 +101,8 @@ class VcpuLink:
         self.link: Link | None = None
         self.session = 0
         self.guest_pid: int | None = None
+        self.features = Feature(0)
+        self.version = PROTOCOL_VERSION
         self.report: m.Report | None = None
         self.goodbye = trio.Event()
         self.reported = trio.Event()
@@ -205,12 +210,14 @@ class VcpuLink:
             await self._raw_reply(pipe, m.Refuse(code=problem[0], reason=problem[1]))
             return
         link = self.link
-        if (
-            hello.resume is not None
-            and link is not None
-            and hello.resume == self.session
-            and self.state is not LinkState.DONE
-        ):
+        live = link is not None and self.state is not LinkState.WAIT_HELLO
+        if hello.resume is not None:
+            if link is None or not live or hello.resume != self.session:
+                reason = f"session {hello.resume} is unknown here (ended, or the host restarted)"
+                self.refused["unknown session"] += 1
+                self.log(f"refused pid {hello.pid}: {reason}")
+                await self._raw_reply(pipe, m.Refuse(code=ErrorCode.UNEXPECTED, reason=reason))
+                return
             # Same process, new pipe: continue the session, retransmit what it lacks.
             link.send(self._welcome(resumed=True), now)
             link.resume(frame.ack, now)
@@ -220,7 +227,13 @@ class VcpuLink:
             )
             self.flush()
             return
-        if link is not None and self.state is not LinkState.WAIT_HELLO:
+        if live and link is not None:
+            if hello.pid == self.guest_pid and link.recv_next == 1:
+                # The vCPU repeats its hello until a welcome arrives; this one crossed
+                # ours.  Same process, nothing sequenced yet: answer it again.
+                link.send(self._welcome(resumed=None), now)
+                self.flush()
+                return
             lost = link.unacked_range()
             self.record_error(
                 f"session {self.session} (pid {self.guest_pid}) replaced by a new process "
@@ -242,6 +255,8 @@ class VcpuLink:
         self.guest_pid = hello.pid
         self.link = Link(name=self.name, max_message=cfg.max_message)
         self.features = Feature(hello.features) & SUPPORTED_FEATURES
+        self.version = min(PROTOCOL_VERSION, hello.version)
+        self.host.machine.vcpus[self.vcpu].features = int(self.features)
         self.state = LinkState.OPEN
         self.link.send(self._welcome(resumed=None), now)
         self.flush()
@@ -251,7 +266,7 @@ class VcpuLink:
         cfg = self.host.cfg
         state = self.host.machine.vcpus[self.vcpu]
         return m.Welcome(
-            version=min(PROTOCOL_VERSION, PROTOCOL_VERSION),
+            version=self.version,
             features=int(self.features),
             vcpu=self.vcpu,
             vcpus=cfg.vcpus,
@@ -315,6 +330,7 @@ class Host:
         self._wake = trio.Event()
         self._sleeping_until = -1
         self.stopping = False
+        self.interrupted: str | None = None
         self.all_connected = trio.Event()
         self.started_at: int | None = None
 
@@ -499,11 +515,26 @@ async def serve(
                 nursery.start_soon(vl.run)
                 nursery.start_soon(vl.ep.run_sender)
             nursery.start_soon(host.timer_loop)
+
+            def interrupted(signum: int) -> None:
+                host.interrupted = f"interrupted by {signal.Signals(signum).name}"
+                print(f"vtick host: {host.interrupted}", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+
+            # installed before READY, so a signal right after READY still cleans up
+            await nursery.start(watch_signals, interrupted)
+            nursery.start_soon(watch_parent, nursery.cancel_scope)
             if cfg.announce:
                 print(f"READY {cfg.listen}", flush=True)
             task_status.started(host)
-            await host.all_connected.wait()
-            await trio.sleep(cfg.duration_s)
+            with trio.move_on_after(cfg.connect_timeout_s):
+                await host.all_connected.wait()
+            if not host.all_connected.is_set():
+                for vl in host.links:
+                    if vl.state is LinkState.WAIT_HELLO:
+                        vl.record_error(f"never connected within {cfg.connect_timeout_s} s")
+            else:
+                await trio.sleep(cfg.duration_s)
             await host.stop_all()
             nursery.cancel_scope.cancel()
     finally:
@@ -512,6 +543,9 @@ async def serve(
         for url in urls:
             remove_ipc_file(url)
     results = host.results(monotonic_ns())
+    if host.interrupted:
+        results["ok"] = False
+        results["interrupted"] = host.interrupted
     if cfg.results_path:
         write_json(cfg.results_path, results)
     return results

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -221,7 +222,7 @@ def test_sigterm_stops_everything(tmp_path) -> None:
 class StandaloneHost:
     """``vtick host`` in a private 0700 directory, with its token in the environment."""
 
-    def __init__(self, vcpus: int, duration: float) -> None:
+    def __init__(self, vcpus: int, duration: float, *extra: str) -> None:
         self.dir = tempfile.mkdtemp(prefix="vtick-test-")
         self.url = f"ipc://{self.dir}/link"
         self.token = secrets.token_bytes(32)
@@ -266,14 +267,14 @@ class StandaloneHost:
         return self.proc.returncode, results, err
 
     def cleanup(self) -> None:
-        if self.proc.poll() is None:
+        killed = self.proc.poll() is None
+        if killed:  # the test failed early; a SIGKILLed host cannot tidy up
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.communicate()
-        for name in os.listdir(self.dir):
-            assert name == "results.json", f"left behind: {name}"
-        import shutil
-
+        leftovers = [n for n in os.listdir(self.dir) if n != "results.json"]
         shutil.rmtree(self.dir)
+        if not killed:
+            assert leftovers == [], f"host left behind {leftovers}"
 
 
 def test_wrong_token_and_garbage_are_refused_and_others_served() -> None:
@@ -360,7 +361,9 @@ async def test_oversize_frame_drops_pipe_and_link_retransmits() -> None:
                 reply = await vcpu.exit(m.ExitHypercall(nr=0x5654_00FF, args=[7]))
                 assert reply.value == -1000  # answered, exactly once (re matched)
                 assert vcpu.pipes_seen >= 2, "nng should have replaced the pipe"
-                assert vcpu.link.stats.retransmitted >= 1
+                # Whether nng lost the exit with the old pipe (then the resume
+                # retransmitted it) or re-queued it itself varies from run to run; either
+                # way it must be answered exactly once, which the host's count checks.
                 # finish the run properly
                 vcpu.shutdown_requested = False
                 while not vcpu.shutdown_requested:
@@ -401,3 +404,88 @@ async def test_launch_reports_bad_listen_url(tmp_path) -> None:
         await launch(
             RunOptions(vcpus=1, duration_s=0.5, listen="tcp://127.0.0.1"), str(tmp_path / "r.json")
         )
+
+
+def _raw_hello(token: bytes, pid: int, resume: int | None = None) -> bytes:
+    return encode(m.Hello(version=1, features=3, vcpu=0, token=token, pid=pid, resume=resume), 0, 0)
+
+
+def test_repeated_hello_is_answered_with_the_same_session_and_bogus_resume_refused() -> None:
+    host = StandaloneHost(1, 1.0, "--connect-timeout", "3")
+    try:
+        with pynng.Pair0(dial=link_url(host.url, 0), recv_timeout=3000) as raw:
+            raw.send(_raw_hello(host.token, pid=4242))
+            raw.send(_raw_hello(host.token, pid=4242))
+            first, second = decode(raw.recv()), decode(raw.recv())
+            assert isinstance(first.msg, m.Welcome)
+            assert isinstance(second.msg, m.Welcome)
+            assert first.msg.session == second.msg.session
+            raw.send(_raw_hello(host.token, pid=4242, resume=first.msg.session ^ 1))
+            refusal = decode(raw.recv())
+            assert isinstance(refusal.msg, m.Refuse)
+            assert "unknown" in refusal.msg.reason
+        code, results, _ = host.finish()
+        v = results["vcpus"][0]
+        assert v["sessions"] == 1
+        assert v["refused"] == {"unknown session": 1}
+        assert code == 1  # the raw client never reported: the run is not ok
+        assert any("no report" in e for e in v["link_errors"])
+    finally:
+        host.cleanup()
+
+
+def test_host_names_vcpus_that_never_connect() -> None:
+    host = StandaloneHost(2, 1.0, "--connect-timeout", "1")
+    try:
+        code, results, err = host.finish()
+        assert code == 1
+        for v in results["vcpus"]:
+            assert any("never connected" in e for e in v["link_errors"])
+        assert "vCPU 1: never connected" in err
+    finally:
+        host.cleanup()
+
+
+def test_host_sigterm_removes_its_sockets() -> None:
+    host = StandaloneHost(2, 30.0)
+    try:
+        sockets = [f for f in os.listdir(host.dir) if f.startswith("link.")]
+        assert sorted(sockets) == ["link.0", "link.1"]
+        host.proc.send_signal(signal.SIGTERM)
+        code, results, err = host.finish()
+        assert code == 1
+        assert results["interrupted"] == "interrupted by SIGTERM"
+    finally:
+        host.cleanup()  # asserts that only results.json is left
+
+
+def test_children_stop_when_the_launcher_is_killed(tmp_path) -> None:
+    """``kill -9`` of ``vtick run`` must not leave its host and vCPUs running."""
+    before = _tmp_dirs()
+    launcher = subprocess.Popen(
+        [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    family: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(family) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        family.update(_children_of(launcher.pid))
+    launcher.kill()
+    launcher.wait()
+    try:
+        assert len(family) == 3
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.1)
+        assert [p for p in family if _alive(p)] == [], "orphans outlived the launcher"
+    finally:
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # a SIGKILLed launcher cannot remove its run directory; its children did
+        # remove their sockets, so at most the host's results file is left
+        for leftover in _tmp_dirs() - before:
+            assert set(os.listdir(leftover)) <= {"results.json"}
+            shutil.rmtree(leftover)

@@ -7,13 +7,14 @@ parameters and arms a host hrtimer; no unit conversion on the guest side, no sec
 trap.  With ``PV_TIMER_FUTURE`` in ``flags`` a past expiry is refused with -ETIME, as
 Xen's ``VCPU_SSHOTTMR_future`` did (reference section 7); without it a past expiry
 fires at once.  Re-programming replaces the previous expiry; ``VTICK_TIMER_SHUTDOWN``
-disarms it.
+disarms it.  Both hypercalls answer -KVM_ENOSYS unless the vCPU negotiated
+``Feature.PV_TIMER`` in its handshake.
 """
 
 from __future__ import annotations
 
 from vtick.host.machine import Machine, VcpuState
-from vtick.proto.abi import ETIME, PV_TIMER_FUTURE, Hypercall, KvmErrno, Vector
+from vtick.proto.abi import ETIME, PV_TIMER_FUTURE, Feature, Hypercall, KvmErrno, Vector
 
 __all__ = ["PvTimer"]
 
@@ -31,6 +32,8 @@ class PvTimer:
         machine.register_hypercall(Hypercall.VTICK_TIMER_SHUTDOWN, self.shutdown)
 
     def set_next_ktime(self, vcpu: VcpuState, args: list[int], now: int) -> int:
+        if not vcpu.features & Feature.PV_TIMER:
+            return -KvmErrno.KVM_ENOSYS  # not negotiated: as if the hypercall did not exist
         if not args:
             return -KvmErrno.KVM_EINVAL
         expiry = args[0]
@@ -48,6 +51,8 @@ class PvTimer:
         return 0
 
     def shutdown(self, vcpu: VcpuState, args: list[int], now: int) -> int:
+        if not vcpu.features & Feature.PV_TIMER:
+            return -KvmErrno.KVM_ENOSYS
         self.machine.cancel_timer(TIMER, vcpu)
         return 0
 
