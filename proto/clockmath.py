@@ -39,16 +39,17 @@ def clocks_calc_mult_shift(from_hz: int, to_hz: int, maxsec: int) -> tuple[int, 
     while tmp:
         tmp >>= 1
         sftacc -= 1
-    mult = 0
+    # As in Linux, when no shift fits the loop ends with sft = 0 and mult keeps the
+    # value computed for shift 1 (truncated to u32).
+    tmp = 0
     sft = 32
     while sft > 0:
         tmp = ((to_hz << sft) & U64_MASK) + from_hz // 2
         tmp = (tmp & U64_MASK) // from_hz
         if (tmp >> sftacc) == 0:
-            mult = tmp
             break
         sft -= 1
-    return mult & U32_MASK, sft
+    return tmp & U32_MASK, sft
 
 
 def cev_delta2ns(latch: int, mult: int, shift: int, ismax: bool) -> int:

@@ -156,7 +156,10 @@ class Link:
             self.stats.received += 1
             return [frame.msg]
         if frame.seq < self.recv_next:
+            # A retransmission: our ack may have been lost, so owe one again, or an idle
+            # receiver would let the sender retransmit until the link is declared dead.
             self.stats.duplicates += 1
+            self.ack_sent = min(self.ack_sent, frame.seq - 1)
             return []
         self.stats.gaps += 1
         self._ask_resend()

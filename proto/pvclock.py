@@ -82,23 +82,40 @@ class TscModel:
     def host_ns_for_ktime(self, info: PvclockInfo, ktime: int) -> int:
         """The earliest host time at which the guest reads ktime >= ``ktime`` through ``info``.
 
-        Guest ktime runs at 1 ns/ns up to mul/shift rounding, so start from the exact
-        answer for a perfect clock and correct by the observed error until the first
-        host nanosecond that reaches ``ktime`` is found.
+        Only host times whose TSC is at or after ``tsc_timestamp`` count: before it the
+        guest's unsigned delta would wrap.  A target at or before ``system_time`` is
+        therefore answered with the first host ns of the publication's TSC tick.
+
+        Guest ktime runs at 1 ns/ns up to mul/shift rounding, so the exact answer for a
+        perfect clock is nearly always right or one correction away; it is accepted only
+        once verified (reaches the target, the previous ns does not), else a binary
+        search over the monotonic function settles it (slow TSCs, where one tick spans
+        many ns).
         """
+        start = self._first_ns_of_tick(info.tsc_timestamp)
+        if ktime <= info.system_time:
+            return start
+
+        def reached(t: int) -> bool:
+            return t >= start and info.ktime(self.tsc(t)) >= ktime
+
         t = ktime + self.ktime_epoch
-        for _ in range(64):
-            err = ktime - info.ktime(self.tsc(t))
-            if err > 0:
-                t += err
-                continue
-            # reached: step back while the previous nanosecond also reaches it
-            back = max(1, -err)
-            if info.ktime(self.tsc(t - back)) >= ktime:
-                t -= back
-                continue
-            if back > 1 and info.ktime(self.tsc(t - 1)) >= ktime:
-                t -= 1
-                continue
+        for _ in range(2):
+            t = max(t + ktime - info.ktime(self.tsc(max(t, start))), start)
+        if reached(t) and not reached(t - 1):
             return t
-        return t
+        lo, hi = start, max(t, start + 1)
+        while not reached(hi):
+            hi += (hi - start) + 1
+        while lo < hi:  # smallest t in [lo, hi] with reached(t)
+            mid = (lo + hi) // 2
+            if reached(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _first_ns_of_tick(self, tsc: int) -> int:
+        """The smallest host ns t with self.tsc(t) >= tsc."""
+        # tsc(t) = floor((t - epoch) * khz / 1e6) >= tsc  <=>  (t - epoch) * khz >= tsc * 1e6
+        return self.tsc_epoch + -((-tsc * 1_000_000) // self.tsc_khz)

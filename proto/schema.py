@@ -237,6 +237,10 @@ class _Parser:
         i = self.pos + offset
         return self.tokens[i] if i < len(self.tokens) else ("eof", "", -1)
 
+    def last_line(self) -> int:
+        """The line of the token read last (the one an error is about)."""
+        return self.tokens[self.pos - 1][2] if self.pos else 1
+
     def take(self, expected: str | None = None) -> tuple[str, str, int]:
         tok = self.peek()
         if expected is not None and tok[1] != expected:
@@ -279,7 +283,7 @@ class _Parser:
                 lo = hi = self.literal(self.type2())
             base = self.resolve(first)
             if not isinstance(base, StrType):
-                raise SchemaError(f"line {self.peek()[2]}: .size only on bstr/tstr here")
+                raise SchemaError(f"line {self.last_line()}: .size only on bstr/tstr here")
             return StrType(base.kind, lo, hi)
         return first
 
@@ -287,7 +291,7 @@ class _Parser:
         v = self.resolve(v)
         if isinstance(v, IntRange) and v.lo == v.hi:
             return v.lo
-        raise SchemaError(f"line {self.peek()[2]}: expected an integer literal")
+        raise SchemaError(f"line {self.last_line()}: expected an integer literal")
 
     def resolve(self, v: Validator) -> Validator:
         while isinstance(v, Ref):
