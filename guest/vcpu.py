@@ -101,6 +101,12 @@ class GuestVcpu:
 
     # ------------------------------------------------------------------ link I/O
 
+    def _send(self, msg: m.Message, now: int) -> None:
+        try:
+            self.link.send(msg, now)
+        except LinkError as exc:  # the send window is full: the host stopped acking
+            raise GuestFatal(5, str(exc)) from None
+
     def flush(self) -> None:
         assert self.ep is not None
         self.ep.send(self.link.data_to_send())
@@ -125,6 +131,8 @@ class GuestVcpu:
                 raise GuestFatal(4, f"{self.name}: bad message from host: {exc}") from None
             for msg in msgs:
                 self._on_message(msg)
+            if self.link.ack_owed():
+                self._send(m.Ack(), monotonic_ns())
             self.flush()
 
     def _on_message(self, msg: m.Message) -> None:
@@ -173,10 +181,14 @@ class GuestVcpu:
             raise GuestFatal(4, f"{self.name}: second welcome for a fresh session")
         if msg.vcpu != self.cfg.vcpu:
             raise GuestFatal(4, f"{self.name}: host welcomed vCPU {msg.vcpu}")
+        if not 1 <= msg.version <= PROTOCOL_VERSION:
+            raise GuestFatal(4, f"{self.name}: host chose protocol version {msg.version}")
         if not msg.features & Feature.PV_TIMER:
             raise GuestFatal(4, f"{self.name}: host does not offer the PV timer device")
         self.welcome = msg
         self.link.max_message = msg.max_message
+        if self.ep is not None:  # receive no more than the host's limit either
+            self.ep.sock.recv_max_size = msg.max_message
         self.tsc = TscModel(msg.tsc_khz, msg.tsc_epoch, 0)
         self.pvclock = PvclockInfo.from_wire(msg.pvclock)
         self.welcomed.set()
@@ -189,13 +201,13 @@ class GuestVcpu:
                 continue
             self.pipes_seen += 1
             if self.pipes_seen > 1 and self.welcome is not None:
-                self.link.send(self._hello(resume=self.welcome.session), monotonic_ns())
+                self._send(self._hello(resume=self.welcome.session), monotonic_ns())
                 self.flush()
 
     async def hello_loop(self) -> None:
         with trio.move_on_after(self.cfg.handshake_timeout_s):
             while not self.welcomed.is_set():
-                self.link.send(self._hello(resume=None), monotonic_ns())
+                self._send(self._hello(resume=None), monotonic_ns())
                 self.flush()
                 with trio.move_on_after(HELLO_RETRY_S):
                     await self.welcomed.wait()
@@ -215,7 +227,7 @@ class GuestVcpu:
             except LinkError as exc:
                 raise GuestFatal(5, str(exc)) from None
             if self.link.ack_owed(force=True):
-                self.link.send(m.Ack(), now)
+                self._send(m.Ack(), now)
             self.flush()
 
     # ------------------------------------------------------------------ exits
@@ -226,7 +238,7 @@ class GuestVcpu:
         kind = msg.RULE.removeprefix("exit-")
         t0 = time.perf_counter_ns()
         self._reply_event = trio.Event()
-        self.link.send(msg, monotonic_ns())
+        self._send(msg, monotonic_ns())
         self._outstanding = self.link.send_next - 1
         self.flush()
         await self._reply_event.wait()
@@ -277,7 +289,7 @@ class GuestVcpu:
     async def finish(self) -> None:
         storm = self.storm
         stats = self.stats
-        self.link.send(
+        self._send(
             m.Report(
                 events=storm.events if storm else 0,
                 early=storm.early if storm else 0,
@@ -290,14 +302,14 @@ class GuestVcpu:
             ),
             monotonic_ns(),
         )
-        self.link.send(m.Goodbye(), monotonic_ns())
+        self._send(m.Goodbye(), monotonic_ns())
         self.flush()
         with trio.move_on_after(self.cfg.goodbye_timeout_s):
             await self.host_goodbye.wait()
         if not self.host_goodbye.is_set():
             raise GuestFatal(5, f"{self.name}: host did not answer goodbye")
         # acknowledge the host's goodbye so it knows nothing is outstanding
-        self.link.send(m.Ack(), monotonic_ns())
+        self._send(m.Ack(), monotonic_ns())
         self.flush()
         await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
 

@@ -50,6 +50,7 @@ __all__ = ["Host", "HostConfig", "serve"]
 SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER
 ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
+REFUSE_SEND_TIMEOUT_S = 1.0
 NEVER = 1 << 63
 EXIT_KINDS = {
     cls: cls.RULE.removeprefix("exit-")
@@ -111,6 +112,7 @@ class VcpuLink:
         self.refused: Counter[str] = Counter()
         self.bad_messages = 0
         self.sessions = 0
+        self.pipes = Counter[str]()
 
     @property
     def name(self) -> str:
@@ -122,14 +124,30 @@ class VcpuLink:
         if self.link is not None:
             self.ep.send(self.link.data_to_send())
 
-    def send(self, msg: m.Message) -> None:
-        assert self.link is not None
-        self.link.send(msg, monotonic_ns())
+    def send(self, msg: m.Message, now: int | None = None) -> None:
+        """Send on this vCPU's session; a link failure ends this link, not the host."""
+        if self.link is None:
+            return
+        try:
+            self.link.send(msg, monotonic_ns() if now is None else now)
+        except LinkError as exc:
+            self.fail(str(exc))
+            return
         self.flush()
+
+    def fail(self, reason: str) -> None:
+        """The session is lost: record why and wait for a new hello."""
+        self.record_error(reason)
+        self.link = None
+        self.state = LinkState.WAIT_HELLO
+        self.host.machine.vcpus[self.vcpu].halted_exit = None
+        self.reported.set()
+        self.goodbye.set()
 
     async def _raw_reply(self, pipe: pynng.Pipe, msg: m.Message) -> None:
         """Send a control message outside any session, then drop the pipe."""
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), trio.move_on_after(REFUSE_SEND_TIMEOUT_S):
+            # a peer that never reads must not stall this link's receive loop
             await pipe.asend(encode(msg, 0, 0, self.host.cfg.max_message))
         await trio.sleep(REFUSE_GRACE_S)  # nng has no linger: let the reply leave first
         with contextlib.suppress(Exception):
@@ -143,6 +161,12 @@ class VcpuLink:
         self.log(text)
 
     # ------------------------------------------------------------------ input
+
+    async def watch_pipes(self) -> None:
+        """Count pipe arrivals and departures; a departure may have lost frames, which
+        the resume on the next pipe or the retransmission timer recovers."""
+        async for event in self.ep.pipe_events:
+            self.pipes["added" if event.added else "removed"] += 1
 
     async def run(self) -> None:
         while True:
@@ -169,6 +193,8 @@ class VcpuLink:
                 continue
             for msg in msgs:
                 await self._dispatch(msg, data, pipe, now)
+            if self.link is not None and self.link.ack_owed():
+                self.send(m.Ack(), now)
             self.flush()
             self.host.kick_if_needed()
 
@@ -295,7 +321,7 @@ class VcpuLink:
             acct.host_ns += host_ns
             acct.host_ns_max = max(acct.host_ns_max, host_ns)
             if not result.deferred:
-                self.link.send(
+                self.send(
                     m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
                     now,
                 )
@@ -305,7 +331,7 @@ class VcpuLink:
             self.reported.set()
         elif isinstance(msg, m.Goodbye):
             if self.state is not LinkState.DONE:
-                self.link.send(m.Goodbye(), now)
+                self.send(m.Goodbye(), now)
                 # the guest's final frame acked our goodbye if it arrives; give it a moment
             self.state = LinkState.DONE
             self.goodbye.set()
@@ -368,10 +394,9 @@ class Host:
             if vl.link is None or vl.state is LinkState.DONE:
                 continue
             if isinstance(action, InjectIrq):
-                vl.link.send(m.Inject(vector=action.vector, host_time=action.now), monotonic_ns())
+                vl.send(m.Inject(vector=action.vector, host_time=action.now))
             elif isinstance(action, CompleteHlt):
-                vl.link.send(m.ExitReply(re=action.re, value=0, fault=0, host_ns=0), monotonic_ns())
-            vl.flush()
+                vl.send(m.ExitReply(re=action.re, value=0, fault=0, host_ns=0))
 
     async def timer_loop(self) -> None:
         while True:
@@ -401,14 +426,10 @@ class Host:
                 try:
                     vl.link.poll(now)
                 except LinkError as exc:
-                    vl.record_error(str(exc))
-                    vl.link = None
-                    vl.state = LinkState.WAIT_HELLO
-                    vl.reported.set()
-                    vl.goodbye.set()
+                    vl.fail(str(exc))
                     continue
                 if vl.link.ack_owed(force=True):
-                    vl.link.send(m.Ack(), now)
+                    vl.send(m.Ack(), now)
                 vl.flush()
 
     async def stop_all(self) -> None:
@@ -460,6 +481,7 @@ class Host:
                 "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
                 "refused": dict(vl.refused),
                 "bad_messages": vl.bad_messages,
+                "pipes": dict(vl.pipes),
                 "link_errors": list(vl.errors),
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,
             }
@@ -514,6 +536,7 @@ async def serve(
             for vl in host.links:
                 nursery.start_soon(vl.run)
                 nursery.start_soon(vl.ep.run_sender)
+                nursery.start_soon(vl.watch_pipes)
             nursery.start_soon(host.timer_loop)
 
             def interrupted(signum: int) -> None:
