@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for every vCPU to connect",
     )
     host.add_argument(
+        "--report-timeout",
+        type=_duration,
+        default=10.0,
+        help="seconds to wait at the end for every vCPU's report and goodbye",
+    )
+    host.add_argument(
         "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
     )
     _workload_args(host)
@@ -174,6 +180,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         params=dict(args.param),
         results_path=args.results,
         connect_timeout_s=args.connect_timeout,
+        report_timeout_s=args.report_timeout,
     )
     try:
         results = trio.run(serve, cfg)

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import json
 import os
+import pathlib
 import secrets
 import shutil
 import signal
@@ -35,8 +36,19 @@ pytestmark = pytest.mark.processes
 VTICK = [sys.executable, "-m", "vtick.host"]
 
 
-def _tmp_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "vtick-*")))
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
+    """A private TMPDIR for this test's processes, so leftovers are attributable to it
+    (a global /tmp scan would see other test runs on the same machine)."""
+    path = tmp_path / "tmp"
+    path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(path))
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+def _leftovers(path: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 def _alive(pid: int) -> bool:
@@ -103,14 +115,13 @@ def _check_run(results: dict, vcpus: int) -> None:
     assert results["cleanup"]["ipc_leftovers"] == []
 
 
-async def test_run_two_vcpus_over_ipc(tmp_path) -> None:
-    before = _tmp_dirs()
+async def test_run_two_vcpus_over_ipc(tmp_path, private_tmp) -> None:
     out = tmp_path / "r.json"
     with trio.fail_after(40):
         results = await launch(RunOptions(vcpus=2, duration_s=1.0), str(out))
     _check_run(results, 2)
     assert json.loads(out.read_text())["ok"] is True
-    assert _tmp_dirs() - before == set(), "run directory left behind"
+    assert _leftovers(private_tmp) == [], "run directory left behind"
 
 
 async def test_run_over_tcp(tmp_path) -> None:
@@ -155,8 +166,7 @@ def test_bad_command_line_values(args, needle) -> None:
     assert needle in proc.stderr
 
 
-def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path) -> None:
-    before = _tmp_dirs()
+def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp) -> None:
     launcher = subprocess.Popen(
         [*VTICK, "run", "--vcpus", "2", "--duration", "20", "--json", str(tmp_path / "r.json")],
         stdout=subprocess.PIPE,
@@ -185,11 +195,10 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path) -> None:
     assert f"vCPU 1 (pid {victim}) killed by signal SIGKILL" in err
     time.sleep(0.2)
     assert [p for p in family if _alive(p)] == [], "orphaned processes"
-    assert _tmp_dirs() - before == set()
+    assert _leftovers(private_tmp) == []
 
 
-def test_sigterm_stops_everything(tmp_path) -> None:
-    before = _tmp_dirs()
+def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
     launcher = subprocess.Popen(
         [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
         stdout=subprocess.PIPE,
@@ -213,7 +222,7 @@ def test_sigterm_stops_everything(tmp_path) -> None:
     assert "interrupted by SIGTERM" in err
     time.sleep(0.2)
     assert [p for p in family if _alive(p)] == []
-    assert _tmp_dirs() - before == set()
+    assert _leftovers(private_tmp) == []
 
 
 # ---------------------------------------------------------------------- a standalone host
@@ -240,6 +249,7 @@ class StandaloneHost:
                 str(duration),
                 "--results",
                 self.results,
+                *extra,
             ],
             env=self.env,
             stdout=subprocess.PIPE,
@@ -406,12 +416,13 @@ async def test_launch_reports_bad_listen_url(tmp_path) -> None:
         )
 
 
-def _raw_hello(token: bytes, pid: int, resume: int | None = None) -> bytes:
-    return encode(m.Hello(version=1, features=3, vcpu=0, token=token, pid=pid, resume=resume), 0, 0)
+def _raw_hello(token: bytes, pid: int, resume: int | None = None, vcpu: int = 0) -> bytes:
+    hello = m.Hello(version=1, features=3, vcpu=vcpu, token=token, pid=pid, resume=resume)
+    return encode(hello, 0, 0)
 
 
 def test_repeated_hello_is_answered_with_the_same_session_and_bogus_resume_refused() -> None:
-    host = StandaloneHost(1, 1.0, "--connect-timeout", "3")
+    host = StandaloneHost(1, 1.0, "--connect-timeout", "3", "--report-timeout", "1")
     try:
         with pynng.Pair0(dial=link_url(host.url, 0), recv_timeout=3000) as raw:
             raw.send(_raw_hello(host.token, pid=4242))
@@ -459,9 +470,8 @@ def test_host_sigterm_removes_its_sockets() -> None:
         host.cleanup()  # asserts that only results.json is left
 
 
-def test_children_stop_when_the_launcher_is_killed(tmp_path) -> None:
+def test_children_stop_when_the_launcher_is_killed(tmp_path, private_tmp) -> None:
     """``kill -9`` of ``vtick run`` must not leave its host and vCPUs running."""
-    before = _tmp_dirs()
     launcher = subprocess.Popen(
         [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
         stdout=subprocess.DEVNULL,
@@ -486,6 +496,49 @@ def test_children_stop_when_the_launcher_is_killed(tmp_path) -> None:
                 os.kill(pid, signal.SIGKILL)
         # a SIGKILLed launcher cannot remove its run directory; its children did
         # remove their sockets, so at most the host's results file is left
-        for leftover in _tmp_dirs() - before:
+        for leftover in private_tmp.iterdir():
             assert set(os.listdir(leftover)) <= {"results.json"}
             shutil.rmtree(leftover)
+
+
+HOSTILE_FRAMES = [
+    # (what, frame bytes, expected error code)
+    ("truncated CBOR", bytes.fromhex("a3616b16617301"), ErrorCode.BAD_CBOR),
+    ("deep nesting", b"\x81" * 100_00 + b"\x00", ErrorCode.BAD_CBOR),
+    ("huge declared length", bytes.fromhex("5bffffffffffffffff"), ErrorCode.BAD_CBOR),
+    ("indefinite map", bytes.fromhex("bf616b16ff"), ErrorCode.BAD_CBOR),
+    ("unknown kind", bytes.fromhex("a3616b1863617301616100"), ErrorCode.UNKNOWN_KIND),
+    (
+        "wrong type",
+        encode(m.ExitHlt(), 1, 0).replace(b"\x61\x73\x01", b"\x61\x73\x41\x01"),
+        ErrorCode.BAD_FIELD,
+    ),
+    ("not a map", bytes.fromhex("83010203"), ErrorCode.BAD_FIELD),
+]
+
+
+def test_hostile_frames_in_session_get_errors_and_the_host_serves_on() -> None:
+    """A vCPU link that sends garbage after its handshake gets an ``error`` naming the
+    problem and loses that pipe; the host neither crashes nor stops serving vCPU 0."""
+    host = StandaloneHost(2, 1.0, "--report-timeout", "1")
+    try:
+        # the run's clock starts once both vCPUs said hello: the hostile sequence first
+        for what, frame, code in HOSTILE_FRAMES:
+            with pynng.Pair0(dial=link_url(host.url, 1), recv_timeout=5000) as raw:
+                raw.send(_raw_hello(host.token, pid=777, vcpu=1))
+                assert isinstance(decode(raw.recv()).msg, m.Welcome), what
+                raw.send(frame)
+                reply = decode(raw.recv())
+                assert isinstance(reply.msg, m.Error), what
+                assert reply.msg.code == code, (what, reply.msg.reason)
+        good = host.guest(0)
+        code_, results, err = host.finish()
+        good.communicate(timeout=20)
+        assert good.returncode == 0
+        v0, v1 = results["vcpus"]
+        assert v0["guest"]["events"] > 0
+        assert v0["link_errors"] == []
+        assert v1["bad_messages"] == len(HOSTILE_FRAMES)
+        assert code_ == 1  # vCPU 1 never reported: the run is not ok, visibly
+    finally:
+        host.cleanup()
