@@ -235,7 +235,7 @@ class GuestVcpu:
     async def exit(self, msg: m.Message) -> m.ExitReply:
         """Take one exit and wait for the host's answer."""
         assert self._outstanding is None, "one exit at a time"
-        kind = msg.RULE.removeprefix("exit-")
+        kind = m.EXIT_KIND_NAMES[type(msg)]
         t0 = time.perf_counter_ns()
         self._reply_event = trio.Event()
         self._send(msg, monotonic_ns())

@@ -203,7 +203,8 @@ def _cmd_guest(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from vtick.host.launcher import RunFailed, RunOptions, launch, write_json
+    from vtick.host.launcher import RunFailed, RunOptions, launch
+    from vtick.host.results import write_json
     from vtick.host.summary import format_summary, summarize
 
     opts = RunOptions(

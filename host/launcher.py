@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vtick.host.results import write_json
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
-__all__ = ["RunOptions", "RunFailed", "launch", "describe_status", "write_json"]
+__all__ = ["RunOptions", "RunFailed", "launch", "describe_status"]
 
 READY_TIMEOUT_S = 15.0
 TERM_GRACE_S = 2.0
@@ -175,14 +176,6 @@ def _collect_and_remove(run_dir: str, host_results: str) -> dict | None:
         leftovers = [f for f in leftovers if f != os.path.basename(host_results)]
         results.setdefault("cleanup", {})["ipc_leftovers"] = leftovers
     return results
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write ``data`` atomically (a reader never sees half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
 
 
 async def _wait_ready(host: trio.Process) -> None:

@@ -28,8 +28,8 @@ import pynng
 import trio
 
 from vtick.host.devices.pvtimer import PvTimer
-from vtick.host.launcher import write_json
 from vtick.host.machine import CompleteHlt, InjectIrq, Machine
+from vtick.host.results import write_json
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
@@ -52,11 +52,6 @@ ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
 REFUSE_SEND_TIMEOUT_S = 1.0
 NEVER = 1 << 63
-EXIT_KINDS = {
-    cls: cls.RULE.removeprefix("exit-")
-    for cls in m.MESSAGE_CLASSES
-    if cls.RULE.startswith("exit-") and cls is not m.ExitReply
-}
 
 
 @dataclass
@@ -309,7 +304,7 @@ class VcpuLink:
 
     async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
         assert self.link is not None
-        kind = EXIT_KINDS.get(type(msg))
+        kind = m.EXIT_KIND_NAMES.get(type(msg))
         if kind is not None:
             seq = self.link.recv_next - 1
             unseen = self.link.peer_acked < self.link.send_next - 1

@@ -27,6 +27,8 @@ __all__ = [
     "ExitHypercall",
     "ExitHlt",
     "Exit",
+    "EXIT_CLASSES",
+    "EXIT_KIND_NAMES",
     "ExitReply",
     "Inject",
     "Pvclock",
@@ -158,6 +160,22 @@ class ExitHypercall(Message):
 class ExitHlt(Message):
     RULE: ClassVar[str] = "exit-hlt"
 
+
+EXIT_CLASSES: tuple[type[Message], ...] = (
+    ExitMmioRead,
+    ExitMmioWrite,
+    ExitMsrRead,
+    ExitMsrWrite,
+    ExitPioIn,
+    ExitPioOut,
+    ExitHypercall,
+    ExitHlt,
+)
+
+#: the short name of each exit kind, as results and reports count them ("hypercall", ...)
+EXIT_KIND_NAMES: dict[type[Message], str] = {
+    cls: cls.RULE.removeprefix("exit-") for cls in EXIT_CLASSES
+}
 
 Exit = (
     ExitMmioRead
