@@ -204,6 +204,24 @@ class GuestVcpu:
                 self._send(self._hello(resume=self.welcome.session), monotonic_ns())
                 self.flush()
 
+    async def connect(self, nursery: trio.Nursery) -> None:
+        """Start the link's tasks in ``nursery`` and complete the handshake.
+
+        Dials ``link_url(cfg.connect, cfg.vcpu)`` unless an endpoint is already set.
+
+        Raises:
+            GuestFatal: refused, or no welcome within the handshake timeout.
+        """
+        if self.ep is None:
+            self.ep = PairEndpoint.dial(
+                link_url(self.cfg.connect, self.cfg.vcpu), DEFAULT_MAX_MESSAGE
+            )
+        nursery.start_soon(self.ep.run_sender)
+        nursery.start_soon(self.receive_loop)
+        nursery.start_soon(self.pipe_loop)
+        nursery.start_soon(self.tick_loop)
+        await self.hello_loop()
+
     async def hello_loop(self) -> None:
         with trio.move_on_after(self.cfg.handshake_timeout_s):
             while not self.welcomed.is_set():
@@ -340,11 +358,7 @@ async def run_guest(cfg: GuestConfig) -> int:
 
             await nursery.start(watch_signals, stopped)
             nursery.start_soon(_orphan_guard, vcpu.name)
-            nursery.start_soon(vcpu.ep.run_sender)
-            nursery.start_soon(vcpu.receive_loop)
-            nursery.start_soon(vcpu.pipe_loop)
-            nursery.start_soon(vcpu.tick_loop)
-            await vcpu.hello_loop()
+            await vcpu.connect(nursery)
             if vcpu.welcome is None or vcpu.welcome.workload != "timers":
                 raise GuestFatal(
                     4,

@@ -172,11 +172,7 @@ async def _bench_vtick(
         vcpu = GuestVcpu(GuestConfig(connect=url, vcpu=0, token=token))
         vcpu.ep = PairEndpoint.dial(link_url(url, 0), vcpu.link.max_message, recv_method)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(vcpu.ep.run_sender)
-            nursery.start_soon(vcpu.receive_loop)
-            nursery.start_soon(vcpu.pipe_loop)
-            nursery.start_soon(vcpu.tick_loop)
-            await vcpu.hello_loop()
+            await vcpu.connect(nursery)
             msg = m.ExitHypercall(nr=BENCH_NR, args=[1, 2, 3, 4])
             for i in range(warmup + count):
                 t0 = time.perf_counter_ns()

@@ -26,7 +26,7 @@ __all__ = [
     "ExitPioOut",
     "ExitHypercall",
     "ExitHlt",
-    "Exit",
+    "ExitMessage",
     "EXIT_CLASSES",
     "EXIT_KIND_NAMES",
     "ExitReply",
@@ -107,14 +107,19 @@ class Error(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class ExitMmioRead(Message):
+class ExitMessage(Message):
+    """Base of the exits: synchronous vCPU -> host requests answered by an exit-reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMmioRead(ExitMessage):
     RULE: ClassVar[str] = "exit-mmio-read"
     gpa: int
     size: int
 
 
 @dataclass(frozen=True, slots=True)
-class ExitMmioWrite(Message):
+class ExitMmioWrite(ExitMessage):
     RULE: ClassVar[str] = "exit-mmio-write"
     gpa: int
     size: int
@@ -122,27 +127,27 @@ class ExitMmioWrite(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class ExitMsrRead(Message):
+class ExitMsrRead(ExitMessage):
     RULE: ClassVar[str] = "exit-msr-read"
     msr: int
 
 
 @dataclass(frozen=True, slots=True)
-class ExitMsrWrite(Message):
+class ExitMsrWrite(ExitMessage):
     RULE: ClassVar[str] = "exit-msr-write"
     msr: int
     value: int
 
 
 @dataclass(frozen=True, slots=True)
-class ExitPioIn(Message):
+class ExitPioIn(ExitMessage):
     RULE: ClassVar[str] = "exit-pio-in"
     port: int
     size: int
 
 
 @dataclass(frozen=True, slots=True)
-class ExitPioOut(Message):
+class ExitPioOut(ExitMessage):
     RULE: ClassVar[str] = "exit-pio-out"
     port: int
     size: int
@@ -150,43 +155,15 @@ class ExitPioOut(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class ExitHypercall(Message):
+class ExitHypercall(ExitMessage):
     RULE: ClassVar[str] = "exit-hypercall"
     nr: int
     args: list[int]
 
 
 @dataclass(frozen=True, slots=True)
-class ExitHlt(Message):
+class ExitHlt(ExitMessage):
     RULE: ClassVar[str] = "exit-hlt"
-
-
-EXIT_CLASSES: tuple[type[Message], ...] = (
-    ExitMmioRead,
-    ExitMmioWrite,
-    ExitMsrRead,
-    ExitMsrWrite,
-    ExitPioIn,
-    ExitPioOut,
-    ExitHypercall,
-    ExitHlt,
-)
-
-#: the short name of each exit kind, as results and reports count them ("hypercall", ...)
-EXIT_KIND_NAMES: dict[type[Message], str] = {
-    cls: cls.RULE.removeprefix("exit-") for cls in EXIT_CLASSES
-}
-
-Exit = (
-    ExitMmioRead
-    | ExitMmioWrite
-    | ExitMsrRead
-    | ExitMsrWrite
-    | ExitPioIn
-    | ExitPioOut
-    | ExitHypercall
-    | ExitHlt
-)
 
 
 # ------------------------------------------------------------------ host -> vCPU
@@ -238,24 +215,20 @@ class Goodbye(Message):
     RULE: ClassVar[str] = "goodbye"
 
 
-MESSAGE_CLASSES: tuple[type[Message], ...] = (
-    Hello,
-    Welcome,
-    Refuse,
-    Ack,
-    Error,
-    ExitMmioRead,
-    ExitMmioWrite,
-    ExitMsrRead,
-    ExitMsrWrite,
-    ExitPioIn,
-    ExitPioOut,
-    ExitHypercall,
-    ExitHlt,
-    ExitReply,
-    Inject,
-    Pvclock,
-    Shutdown,
-    Report,
-    Goodbye,
-)
+def _defined_here(base: type[Message]) -> tuple[type[Message], ...]:
+    # Module globals, not base.__subclasses__(): dataclass(slots=True) replaces each class,
+    # and the replaced one lingers among the subclasses until it is garbage-collected.
+    return tuple(
+        obj
+        for obj in globals().values()
+        if isinstance(obj, type) and issubclass(obj, base) and obj.RULE
+    )
+
+
+#: every message class, in definition order (each one names a rule in the schema)
+MESSAGE_CLASSES: tuple[type[Message], ...] = _defined_here(Message)
+EXIT_CLASSES: tuple[type[Message], ...] = _defined_here(ExitMessage)
+#: the short name of each exit kind, as results and reports count them ("hypercall", ...)
+EXIT_KIND_NAMES: dict[type[Message], str] = {
+    cls: cls.RULE.removeprefix("exit-") for cls in EXIT_CLASSES
+}

@@ -349,19 +349,13 @@ async def test_oversize_frame_drops_pipe_and_link_retransmits() -> None:
     notice the new pipe, resume the session and retransmit, so the exit that followed
     the oversize frame is answered exactly once."""
     from vtick.guest.vcpu import GuestConfig, GuestVcpu
-    from vtick.proto.transport import PairEndpoint
 
     host = StandaloneHost(vcpus=1, duration=4.0)
     try:
         vcpu = GuestVcpu(GuestConfig(connect=host.url, vcpu=0, token=host.token))
-        vcpu.ep = PairEndpoint.dial(link_url(host.url, 0), DEFAULT_MAX_MESSAGE)
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(vcpu.ep.run_sender)
-                nursery.start_soon(vcpu.receive_loop)
-                nursery.start_soon(vcpu.pipe_loop)
-                nursery.start_soon(vcpu.tick_loop)
-                await vcpu.hello_loop()
+                await vcpu.connect(nursery)
                 reply = await vcpu.exit(
                     m.ExitHypercall(nr=Hypercall.VTICK_TIMER_SHUTDOWN, args=[0])
                 )
