@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 import trio
 
@@ -35,7 +36,7 @@ async def watch_parent(on_orphaned: trio.CancelScope | None = None) -> None:
 
 
 async def watch_signals(
-    on_signal: object,
+    on_signal: Callable[[int], None],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -44,4 +45,4 @@ async def watch_signals(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            on_signal(signum)  # type: ignore[operator]
+            on_signal(signum)

@@ -108,7 +108,7 @@ class StrType(Validator):
         if type(value) is not self.kind:
             raise ValidationError(path, f"expected {self.describe()}, got {_describe(value)}")
         # CDDL .size on tstr counts bytes of the UTF-8 encoding.
-        n = len(value) if self.kind is bytes else len(value.encode())
+        n = len(value) if isinstance(value, bytes) else len(str(value).encode())
         if n < self.min_size or (self.max_size is not None and n > self.max_size):
             raise ValidationError(path, f"size {n} outside {self.min_size}..{self.max_size} bytes")
 
@@ -269,8 +269,8 @@ class _Parser:
         first = self.type2()
         if self.peek()[1] == "..":
             self.take()
-            hi = self.type2()
-            return IntRange(self.literal(first), self.literal(hi))
+            upper = self.type2()
+            return IntRange(self.literal(first), self.literal(upper))
         if self.peek()[1] == ".size":
             self.take()
             if self.peek()[1] == "(":
