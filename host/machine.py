@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vtick.host.faults import GuestFault
 from vtick.host.hrtimer import HrtimerQueue
 from vtick.proto import messages as m
 from vtick.proto.abi import Fault, KvmErrno
@@ -62,6 +63,39 @@ class ExitResult:
 
 #: handler(vcpu_state, args, now) -> RAX value
 HypercallHandler = Callable[["VcpuState", list[int], int], int]
+#: rdmsr(vcpu_state, msr, now) -> value; may raise GuestFault
+MsrReader = Callable[["VcpuState", int, int], int]
+#: wrmsr(vcpu_state, msr, value, now); may raise GuestFault
+MsrWriter = Callable[["VcpuState", int, int, int], None]
+#: in(vcpu_state, port, size, now) -> value
+PortReader = Callable[["VcpuState", int, int, int], int]
+#: out(vcpu_state, port, size, value, now)
+PortWriter = Callable[["VcpuState", int, int, int, int], None]
+#: mmio read(vcpu_state, gpa, size, now) -> value; may raise GuestFault
+MmioReader = Callable[["VcpuState", int, int, int], int]
+#: mmio write(vcpu_state, gpa, size, value, now); may raise GuestFault
+MmioWriter = Callable[["VcpuState", int, int, int, int], None]
+#: does this region claim gpa for this vCPU?  (the APIC page moves with APIC_BASE)
+MmioClaim = Callable[["VcpuState", int], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    first: int
+    last: int
+    name: str
+    read: Callable[..., int]
+    write: Callable[..., None]
+
+
+@dataclass(frozen=True, slots=True)
+class _MmioRegion:
+    name: str
+    claims: MmioClaim
+    read: MmioReader
+    write: MmioWriter
+
+
 #: timer callback(vcpu_state, now)
 TimerCallback = Callable[["VcpuState", int], None]
 
@@ -101,6 +135,11 @@ class Machine:
         self._actions: list[Action] = []
         self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}
         self.hypercalls: dict[int, HypercallHandler] = {}
+        self._msrs: list[_Range] = []
+        self._ports: list[_Range] = []
+        self._mmio: list[_MmioRegion] = []
+        #: guest-visible faults raised by device models, by exit kind and reason
+        self.faults: Counter[str] = Counter()
         self._dispatch: dict[
             type[m.Message], Callable[[VcpuState, m.Message, int, bool], ExitResult]
         ] = {
@@ -120,6 +159,40 @@ class Machine:
         if nr in self.hypercalls:
             raise ValueError(f"hypercall {nr:#x} registered twice")
         self.hypercalls[nr] = handler
+
+    @staticmethod
+    def _add_range(table: list[_Range], new: _Range, what: str) -> None:
+        if new.first > new.last:
+            raise ValueError(f"{what} {new.name}: empty range")
+        for old in table:
+            if new.first <= old.last and old.first <= new.last:
+                raise ValueError(f"{what} {new.name} overlaps {old.name}")
+        table.append(new)
+
+    def register_msr(
+        self, first: int, last: int, read: MsrReader, write: MsrWriter, name: str
+    ) -> None:
+        """Claim MSRs ``first..last`` (inclusive) for a device."""
+        self._add_range(self._msrs, _Range(first, last, name, read, write), "MSR range")
+
+    def register_pio(
+        self, first: int, last: int, read: PortReader, write: PortWriter, name: str
+    ) -> None:
+        """Claim I/O ports ``first..last`` (inclusive) for a device."""
+        self._add_range(self._ports, _Range(first, last, name, read, write), "port range")
+
+    def register_mmio(
+        self, claims: MmioClaim, read: MmioReader, write: MmioWriter, name: str
+    ) -> None:
+        """Add an MMIO region; ``claims(vcpu, gpa)`` decides per access (regions may move)."""
+        self._mmio.append(_MmioRegion(name, claims, read, write))
+
+    @staticmethod
+    def _lookup(table: list[_Range], key: int) -> _Range | None:
+        for r in table:
+            if r.first <= key <= r.last:
+                return r
+        return None
 
     def arm_timer(self, name: str, vcpu: VcpuState, expiry: int, callback: TimerCallback) -> None:
         """Arm (or re-arm) the host hrtimer ``name`` of ``vcpu`` for host time ``expiry``."""
@@ -189,32 +262,77 @@ class Machine:
             return ExitResult(value=-KvmErrno.KVM_ENOSYS)
         return ExitResult(value=handler(state, msg.args, now))
 
+    def _fault(self, state: VcpuState, what: str, exc: GuestFault) -> ExitResult:
+        self.faults[f"{what}: {exc.reason or exc.vector}"] += 1
+        return ExitResult(fault=exc.vector)
+
     def _msr_read(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitMsrRead)
-        state.unclaimed[f"rdmsr {msg.msr:#x}"] += 1
-        return ExitResult(fault=Fault.GP)
+        r = self._lookup(self._msrs, msg.msr)
+        if r is None:
+            state.unclaimed[f"rdmsr {msg.msr:#x}"] += 1
+            return ExitResult(fault=Fault.GP)
+        try:
+            return ExitResult(value=r.read(state, msg.msr, now))
+        except GuestFault as exc:
+            return self._fault(state, f"rdmsr {msg.msr:#x}", exc)
 
     def _msr_write(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitMsrWrite)
-        state.unclaimed[f"wrmsr {msg.msr:#x}"] += 1
-        return ExitResult(fault=Fault.GP)
+        r = self._lookup(self._msrs, msg.msr)
+        if r is None:
+            state.unclaimed[f"wrmsr {msg.msr:#x}"] += 1
+            return ExitResult(fault=Fault.GP)
+        try:
+            r.write(state, msg.msr, msg.value, now)
+        except GuestFault as exc:
+            return self._fault(state, f"wrmsr {msg.msr:#x}", exc)
+        return ExitResult()
+
+    def _mmio_region(self, state: VcpuState, gpa: int) -> _MmioRegion | None:
+        for region in self._mmio:
+            if region.claims(state, gpa):
+                return region
+        return None
 
     def _mmio_read(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitMmioRead)
-        state.unclaimed[f"mmio read {msg.gpa:#x}"] += 1
-        return ExitResult(value=(1 << (8 * min(msg.size, 8))) - 1)
+        region = self._mmio_region(state, msg.gpa)
+        if region is None:
+            # unassigned MMIO reads as all ones
+            state.unclaimed[f"mmio read {msg.gpa:#x}"] += 1
+            return ExitResult(value=(1 << (8 * min(msg.size, 8))) - 1)
+        try:
+            return ExitResult(value=region.read(state, msg.gpa, msg.size, now))
+        except GuestFault as exc:
+            return self._fault(state, f"mmio read {msg.gpa:#x}", exc)
 
     def _mmio_write(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitMmioWrite)
-        state.unclaimed[f"mmio write {msg.gpa:#x}"] += 1
+        region = self._mmio_region(state, msg.gpa)
+        if region is None:
+            state.unclaimed[f"mmio write {msg.gpa:#x}"] += 1
+            return ExitResult()
+        try:
+            region.write(state, msg.gpa, msg.size, msg.value, now)
+        except GuestFault as exc:
+            return self._fault(state, f"mmio write {msg.gpa:#x}", exc)
         return ExitResult()
 
     def _pio_in(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitPioIn)
-        state.unclaimed[f"in {msg.port:#x}"] += 1
-        return ExitResult(value=(1 << (8 * min(msg.size, 4))) - 1)
+        r = self._lookup(self._ports, msg.port)
+        if r is None:
+            # nothing decodes the port: the bus floats high
+            state.unclaimed[f"in {msg.port:#x}"] += 1
+            return ExitResult(value=(1 << (8 * min(msg.size, 4))) - 1)
+        return ExitResult(value=r.read(state, msg.port, msg.size, now))
 
     def _pio_out(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         assert isinstance(msg, m.ExitPioOut)
-        state.unclaimed[f"out {msg.port:#x}"] += 1
+        r = self._lookup(self._ports, msg.port)
+        if r is None:
+            state.unclaimed[f"out {msg.port:#x}"] += 1
+            return ExitResult()
+        r.write(state, msg.port, msg.size, msg.value, now)
         return ExitResult()
