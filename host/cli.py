@@ -142,6 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     bt = bsub.add_parser("transport", help="exit round trip vs a raw AF_UNIX socketpair")
     bt.add_argument("--count", type=_positive_int, default=5000, help="round trips per path")
     bt.add_argument("--warmup", type=_nonneg_int, default=500)
+    bw = bsub.add_parser(
+        "wheel", help="host hrtimer wheel vs a heapq queue with lazy deletion, same workload"
+    )
+    bw.add_argument("--timers", type=_positive_int, default=1_000_000)
+    bw.add_argument("--seed", type=_nonneg_int, default=1)
     return parser
 
 
@@ -230,6 +235,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "wheel":
+        from vtick.host.bench_wheel import run_wheel_bench
+
+        return run_wheel_bench(timers=args.timers, seed=args.seed)
     from vtick.host.bench_transport import run_transport_bench
 
     return run_transport_bench(count=args.count, warmup=args.warmup)

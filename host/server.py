@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import pynng
 import trio
 
+from vtick.host.accounting import ExitAccounting
 from vtick.host.devices.pvtimer import PvTimer
 from vtick.host.machine import CompleteHlt, InjectIrq, Machine
 from vtick.host.results import write_json
@@ -79,13 +80,6 @@ class LinkState(Enum):
     DONE = "done"
 
 
-@dataclass
-class ExitAccount:
-    count: int = 0
-    host_ns: int = 0
-    host_ns_max: int = 0
-
-
 class VcpuLink:
     """Host end of one vCPU's link."""
 
@@ -102,7 +96,7 @@ class VcpuLink:
         self.report: m.Report | None = None
         self.goodbye = trio.Event()
         self.reported = trio.Event()
-        self.exits: dict[str, ExitAccount] = defaultdict(ExitAccount)
+        self.exits = ExitAccounting()
         self.errors: list[str] = []
         self.refused: Counter[str] = Counter()
         self.bad_messages = 0
@@ -304,17 +298,13 @@ class VcpuLink:
 
     async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
         assert self.link is not None
-        kind = m.EXIT_KIND_NAMES.get(type(msg))
-        if kind is not None:
+        if isinstance(msg, m.ExitMessage):
             seq = self.link.recv_next - 1
             unseen = self.link.peer_acked < self.link.send_next - 1
             t0 = time.perf_counter_ns()
             result = self.host.machine.handle_exit(self.vcpu, seq, msg, now, unseen)
             host_ns = time.perf_counter_ns() - t0
-            acct = self.exits[kind]
-            acct.count += 1
-            acct.host_ns += host_ns
-            acct.host_ns_max = max(acct.host_ns_max, host_ns)
+            self.exits.record(msg, host_ns)
             if not result.deferred:
                 self.send(
                     m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
@@ -464,14 +454,8 @@ class Host:
                 "vcpu": vl.vcpu,
                 "guest_pid": vl.guest_pid,
                 "sessions": vl.sessions,
-                "host_exits": {
-                    kind: {
-                        "count": a.count,
-                        "host_ns_total": a.host_ns,
-                        "host_ns_max": a.host_ns_max,
-                    }
-                    for kind, a in sorted(vl.exits.items())
-                },
+                "host_exits": vl.exits.kinds(),
+                "host_exit_reasons": vl.exits.reasons(),
                 "injected": self.machine.vcpus[vl.vcpu].injected,
                 "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
                 "refused": dict(vl.refused),
