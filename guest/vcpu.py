@@ -24,7 +24,7 @@ from hdrh.histogram import HdrHistogram
 from vtick.guest.workload import TimerStorm
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature, Hypercall, Vector
-from vtick.proto.codec import DEFAULT_MAX_MESSAGE
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
 from vtick.proto.errors import LinkError, ProtocolError
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
 from vtick.proto.link import Link
@@ -88,6 +88,7 @@ class GuestVcpu:
         self._outstanding: int | None = None
         self.stats = GuestStats()
         self.pipes_seen = 0
+        self.stale_frames = 0
         self.storm: TimerStorm | None = None
         self.duration_ns = 0
 
@@ -125,6 +126,11 @@ class GuestVcpu:
         assert self.ep is not None
         while True:
             data, _pipe = await self.ep.recv()
+            if self.welcome is None and not self._handshake_reply(data):
+                # A fresh process has no session yet: whatever else arrives is left over
+                # from the previous process on this vCPU (the host drops it on its side).
+                self.stale_frames += 1
+                continue
             try:
                 msgs = self.link.receive(data, monotonic_ns())
             except ProtocolError as exc:
@@ -134,6 +140,14 @@ class GuestVcpu:
             if self.link.ack_owed():
                 self._send(m.Ack(), monotonic_ns())
             self.flush()
+
+    def _handshake_reply(self, data: bytes) -> bool:
+        """Is this frame an answer to our hello (welcome, refuse or error)?"""
+        try:
+            frame = decode(data, self.link.max_message)
+        except ProtocolError:
+            return True  # let the link report it
+        return isinstance(frame.msg, m.Welcome | m.Refuse | m.Error)
 
     def _on_message(self, msg: m.Message) -> None:
         if isinstance(msg, m.ExitReply):

@@ -28,7 +28,10 @@ import pynng
 import trio
 
 from vtick.host.accounting import ExitAccounting
+from vtick.host.devices.kvmclock import KvmClock
+from vtick.host.devices.pit import Pit
 from vtick.host.devices.pvtimer import PvTimer
+from vtick.host.devices.vmi_alarm import VmiAlarm
 from vtick.host.machine import CompleteHlt, InjectIrq, Machine
 from vtick.host.results import write_json
 from vtick.proto import messages as m
@@ -48,7 +51,7 @@ from vtick.proto.transport import (
 
 __all__ = ["Host", "HostConfig", "serve"]
 
-SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER
+SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI
 ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
 REFUSE_SEND_TIMEOUT_S = 1.0
@@ -100,6 +103,8 @@ class VcpuLink:
         self.errors: list[str] = []
         self.refused: Counter[str] = Counter()
         self.bad_messages = 0
+        self.stale_frames = 0
+        self.session_pipe: int | None = None
         self.sessions = 0
         self.pipes = Counter[str]()
 
@@ -166,6 +171,15 @@ class VcpuLink:
             now = monotonic_ns()
             if self.state is LinkState.WAIT_HELLO or self.link is None:
                 await self._handshake(data, pipe, now)
+                continue
+            if pipe.id != self.session_pipe:
+                # Not the pipe the session lives on: a new process or a resumed one says
+                # hello first; anything else is left over from a previous pipe (a dead
+                # process's last frames) and must not be read as this session's.
+                if self._try_hello(data) is not None:
+                    await self._handshake(data, pipe, now)
+                else:
+                    self.stale_frames += 1
                 continue
             try:
                 msgs = self.link.receive(data, now)
@@ -234,6 +248,7 @@ class VcpuLink:
                 await self._raw_reply(pipe, m.Refuse(code=ErrorCode.UNEXPECTED, reason=reason))
                 return
             # Same process, new pipe: continue the session, retransmit what it lacks.
+            self.session_pipe = pipe.id
             link.send(self._welcome(resumed=True), now)
             link.resume(frame.ack, now)
             self.log(
@@ -246,6 +261,7 @@ class VcpuLink:
             if hello.pid == self.guest_pid and link.recv_next == 1:
                 # The vCPU repeats its hello until a welcome arrives; this one crossed
                 # ours.  Same process, nothing sequenced yet: answer it again.
+                self.session_pipe = pipe.id
                 link.send(self._welcome(resumed=None), now)
                 self.flush()
                 return
@@ -268,6 +284,7 @@ class VcpuLink:
         self.session = secrets.randbits(63) or 1
         self.sessions += 1
         self.guest_pid = hello.pid
+        self.session_pipe = pipe.id
         self.link = Link(name=self.name, max_message=cfg.max_message)
         self.features = Feature(hello.features) & SUPPORTED_FEATURES
         self.version = min(PROTOCOL_VERSION, hello.version)
@@ -305,6 +322,9 @@ class VcpuLink:
             result = self.host.machine.handle_exit(self.vcpu, seq, msg, now, unseen)
             host_ns = time.perf_counter_ns() - t0
             self.exits.record(msg, host_ns)
+            # New kvmclock parameters go out before the reply: the guest must see a
+            # valid clock when its WRMSR returns, as KVM updates the page before entry.
+            self.host.send_publications()
             if not result.deferred:
                 self.send(
                     m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
@@ -336,7 +356,16 @@ class Host:
         now = monotonic_ns()
         self.tsc = TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
         self.machine = Machine(cfg.vcpus, self.tsc, now)
+        # Devices register themselves in the machine's dispatch tables.  The host reads
+        # the real-time clock here, once; device models never read a clock.
+        self.kvmclock = KvmClock(
+            self.machine,
+            realtime_offset_ns=time.clock_gettime_ns(time.CLOCK_REALTIME) - monotonic_ns(),
+        )
         self.pvtimer = PvTimer(self.machine)
+        self.kvmclock.add_listener(self.pvtimer.on_republish)
+        self.vmi_alarm = VmiAlarm(self.machine)
+        self.pit = Pit(self.machine)
         self.links: list[VcpuLink] = []
         self._wake = trio.Event()
         self._sleeping_until = -1
@@ -373,7 +402,15 @@ class Host:
                 self.started_at = monotonic_ns()
             self.all_connected.set()
 
+    def send_publications(self) -> None:
+        """Send a ``pvclock`` message for every vCPU whose kvmclock was re-published."""
+        for i in self.kvmclock.take_publications():
+            vl = self.links[i]
+            if vl.link is not None and vl.state is not LinkState.DONE:
+                vl.send(m.Pvclock(info=self.machine.vcpus[i].pvclock.to_wire()))
+
     def run_actions(self) -> None:
+        self.send_publications()  # an interrupt armed from a new clock must not overtake it
         for action in self.machine.take_actions():
             vl = self.links[action.vcpu]
             if vl.link is None or vl.state is LinkState.DONE:
@@ -460,6 +497,7 @@ class Host:
                 "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
                 "refused": dict(vl.refused),
                 "bad_messages": vl.bad_messages,
+                "stale_frames": vl.stale_frames,
                 "pipes": dict(vl.pipes),
                 "link_errors": list(vl.errors),
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,

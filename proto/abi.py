@@ -19,6 +19,10 @@ __all__ = [
     "PV_TIMER_FUTURE",
     "Vector",
     "Fault",
+    "VMI_ALARM_PERIODIC",
+    "Msr",
+    "PIT_HZ",
+    "PitPort",
 ]
 
 #: Highest protocol version this implementation speaks.
@@ -30,6 +34,7 @@ class Feature(IntFlag):
 
     PVCLOCK = 1 << 0  # kvmclock parameters published to the vCPU
     PV_TIMER = 1 << 1  # the paravirtual clock-event device (set_next_ktime)
+    VMI = 1 << 2  # VMI-style alarm in TSC cycles (SetAlarm / CancelAlarm)
 
 
 class Hypercall(IntEnum):
@@ -43,6 +48,15 @@ class Hypercall(IntEnum):
     VTICK_SET_NEXT_KTIME = 0x5654_0001
     # a0 = 0: stop the device (clockevents shutdown)
     VTICK_TIMER_SHUTDOWN = 0x5654_0002
+    # a0 = relative expiry in ns from the host's "now" in guest ktime (1:1, a signed s64),
+    # a1 = flags (see PV_TIMER_FUTURE): the "pv-delta" mode
+    VTICK_SET_NEXT_DELTA = 0x5654_0003
+    # VMI-style alarm (VMI_CALL_SetAlarm 68 / CancelAlarm 69 in the original VMI ROM ABI):
+    # a0 = absolute guest TSC deadline in cycles, a1 = flags (VMI_ALARM_PERIODIC),
+    # a2 = period in cycles when periodic
+    VTICK_VMI_SET_ALARM = 0x5654_0010
+    # returns 1 if an alarm was pending (and is now cancelled), else 0
+    VTICK_VMI_CANCEL_ALARM = 0x5654_0011
 
 
 #: Xen VCPU_SSHOTTMR_future: refuse a past expiry with -ETIME instead of firing at once.
@@ -77,3 +91,30 @@ class Fault(IntEnum):
     NONE = 0
     UD = 6
     GP = 13
+
+
+#: VTICK_VMI_SET_ALARM a1 bit 0: periodic alarm (a2 = period in TSC cycles); clear = one-shot.
+VMI_ALARM_PERIODIC = 1 << 0
+
+
+class Msr(IntEnum):
+    """MSR indices the host models (reference section 7, kvmclock)."""
+
+    MSR_KVM_WALL_CLOCK = 0x11  # legacy alias of MSR_KVM_WALL_CLOCK_NEW
+    MSR_KVM_SYSTEM_TIME = 0x12  # legacy alias of MSR_KVM_SYSTEM_TIME_NEW
+    MSR_KVM_WALL_CLOCK_NEW = 0x4B56_4D00
+    MSR_KVM_SYSTEM_TIME_NEW = 0x4B56_4D01
+
+
+#: i8254 PIT input clock (Hz): CLOCK_TICK_RATE / PIT_TICK_RATE in Linux.
+PIT_HZ = 1_193_182
+
+
+class PitPort(IntEnum):
+    """Legacy I/O ports of the i8254 PIT and of system control port B."""
+
+    CHANNEL0 = 0x40
+    CHANNEL1 = 0x41
+    CHANNEL2 = 0x42
+    MODE = 0x43  # control word / latch / read-back command (write only)
+    PORT_B = 0x61  # bit 0 gate 2, bit 1 speaker data, bit 5 OUT2 (read)
