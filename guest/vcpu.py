@@ -22,6 +22,7 @@ import trio
 from hdrh.histogram import HdrHistogram
 
 from vtick.guest.workload import TimerStorm
+from vtick.proto import apicdef
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature, Hypercall, Vector
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
@@ -34,6 +35,8 @@ from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
 __all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGHEST_NS"]
 
 HELLO_RETRY_S = 0.2
+APIC_MMIO = apicdef.APIC_DEFAULT_BASE
+SVR_ON = apicdef.APIC_SPIV_APIC_ENABLED | apicdef.APIC_SPIV_VECTOR
 TICK_S = 0.02
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
 LATENESS_HIGHEST_NS = 60_000_000_000
@@ -290,6 +293,9 @@ class GuestVcpu:
             min_ns=params.get("min_ns", 100_000),
             max_ns=params.get("max_ns", 2_000_000),
         )
+        # Software-enable the local APIC, as Linux's setup_local_APIC does: with SVR bit 8
+        # clear the APIC drops every fixed interrupt (reference section 1).
+        await self.exit(m.ExitMmioWrite(gpa=APIC_MMIO + apicdef.APIC_SPIV, size=4, value=SVR_ON))
         started = self.ktime()
         storm.start(started)
         programmed: int | None = None
@@ -297,6 +303,12 @@ class GuestVcpu:
             # instruction boundary: deliver pending interrupts
             while self.pending:
                 vector = self.pending.popleft()
+                if vector != Vector.SPURIOUS:
+                    # Linux acknowledges the local timer first (ack_APIC_irq), then runs
+                    # the clockevent handler; the EOI write is an exit (xAPIC MMIO).
+                    await self.exit(
+                        m.ExitMmioWrite(gpa=APIC_MMIO + apicdef.APIC_EOI, size=4, value=0)
+                    )
                 if vector == Vector.LOCAL_TIMER:
                     programmed = None  # one-shot: the device is disarmed once it fired
                     for ran in storm.on_interrupt(self.ktime()):

@@ -8,6 +8,11 @@ KVM routes an exit to ``apic_mmio_ops`` or ``kvm_emulate_hypercall``; an exit no
 claims gets the architectural answer (#GP for an unknown MSR, all-ones for unclaimed
 MMIO and ports, -KVM_ENOSYS for an unknown hypercall) and is counted.
 
+Every vCPU has a local APIC (``vtick.host.lapic``), as KVM's in-kernel LAPIC: devices
+raise interrupts through it (IRR, coalescing, priority against PPR), and an interrupt is
+injected when it becomes deliverable, at which moment it is acknowledged (IRR -> ISR) as
+on VM entry.  The next one of the same or lower priority waits for the guest's EOI.
+
 A halted vCPU is blocked in the host, as KVM blocks it in ``kvm_vcpu_block``: its
 ``exit-hlt`` is answered only when an interrupt is pending for it, or at shutdown.
 """
@@ -20,9 +25,15 @@ from dataclasses import dataclass, field
 
 from vtick.host.faults import GuestFault
 from vtick.host.hrtimer import HrtimerQueue
+from vtick.host.lapic.delivery import deliver
+from vtick.host.lapic.lapic import Lapic
+from vtick.proto import apicdef as lapic_regs
 from vtick.proto import messages as m
 from vtick.proto.abi import Fault, KvmErrno
 from vtick.proto.pvclock import PvclockInfo, TscModel
+
+#: the NMI's vector number in the IDT
+NMI_VECTOR = 2
 
 __all__ = [
     "Action",
@@ -40,6 +51,9 @@ class InjectIrq:
     vcpu: int
     vector: int
     now: int
+    #: timer advance: do not deliver before this host time (KVM busy-waits until the
+    #: TSC deadline before entry; the server does the same before sending)
+    not_before: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +127,17 @@ class VcpuState:
     #: feature bits negotiated in this vCPU's handshake; devices gate on them
     features: int = 0
 
-    def raise_irq(self, vector: int, now: int) -> None:
-        """Make ``vector`` pending for this vCPU: inject it and wake the vCPU if halted."""
-        self.injected += 1
-        self.machine._actions.append(InjectIrq(self.vcpu, vector, now))
-        self.wake()
+    lapic: Lapic = field(init=False)
+
+    def raise_irq(self, vector: int, now: int) -> bool:
+        """A device raises a fixed, edge-triggered interrupt at this vCPU's LAPIC.
+
+        Returns False if it was coalesced with the same vector already pending in IRR,
+        or dropped because the APIC is disabled (counted in ``lapic.stats``).
+        """
+        accepted = self.lapic.accept_irq(vector, now=now)
+        self.machine.update_injection(self, now)
+        return accepted
 
     def wake(self) -> None:
         if self.halted_exit is not None:
@@ -125,13 +145,50 @@ class VcpuState:
             self.halted_exit = None
 
 
+class _ApicPort:
+    """The LAPIC's window on the host for one vCPU (``vtick.host.lapic.port.LapicPort``)."""
+
+    TIMER = "lapic"
+
+    def __init__(self, machine: Machine, state: VcpuState) -> None:
+        self.machine = machine
+        self.state = state
+        self.tsc_khz = machine.tsc.tsc_khz
+
+    def arm_timer(self, expiry_ns: int) -> None:
+        self.machine.arm_timer(self.TIMER, self.state, expiry_ns, self._fire)
+
+    def cancel_timer(self) -> None:
+        self.machine.cancel_timer(self.TIMER, self.state)
+
+    def _fire(self, state: VcpuState, now: int) -> None:
+        state.lapic.on_timer(now)
+
+    def guest_tsc(self, now: int) -> int:
+        return self.machine.tsc.tsc(now)
+
+    def tsc_to_host_ns(self, tsc: int) -> int:
+        return self.machine.tsc.host_ns_for_tsc(tsc)
+
+    def send_ipi(self, source: int, icr_low: int, dest: int) -> None:
+        self.machine.send_ipi(source, icr_low, dest)
+
+    def irq_state_changed(self) -> None:
+        self.machine._irq_dirty.add(self.state.vcpu)
+
+
 class Machine:
     """All vCPUs of one VM plus the host timer queue their devices share."""
 
-    def __init__(self, vcpus: int, tsc: TscModel, now: int) -> None:
+    def __init__(self, vcpus: int, tsc: TscModel, now: int, *, timer_advance: bool = False) -> None:
         self.tsc = tsc
         self.hrtimers = HrtimerQueue()
         self.vcpus = [VcpuState(i, self, tsc.publish(now, version=2)) for i in range(vcpus)]
+        self._irq_dirty: set[int] = set()
+        self._now = now  # the time of the entry point being run (for IPIs sent inside it)
+        for state in self.vcpus:
+            state.lapic = Lapic(state.vcpu, _ApicPort(self, state), timer_advance=timer_advance)
+        self.lapics = [state.lapic for state in self.vcpus]
         self._actions: list[Action] = []
         self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}
         self.hypercalls: dict[int, HypercallHandler] = {}
@@ -152,6 +209,74 @@ class Machine:
             m.ExitPioIn: self._pio_in,
             m.ExitPioOut: self._pio_out,
         }
+        self._register_lapic()
+
+    # ------------------------------------------------------------------ the local APICs
+
+    def _register_lapic(self) -> None:
+        """The LAPIC's MSRs and its MMIO page (which moves with APIC_BASE)."""
+
+        def rd(state: VcpuState, msr: int, now: int) -> int:
+            return state.lapic.msr_read(msr, now)
+
+        def wr(state: VcpuState, msr: int, value: int, now: int) -> None:
+            state.lapic.msr_write(msr, value, now)
+
+        self.register_msr(
+            lapic_regs.MSR_IA32_APICBASE, lapic_regs.MSR_IA32_APICBASE, rd, wr, "APIC_BASE"
+        )
+        self.register_msr(
+            lapic_regs.MSR_IA32_TSC_DEADLINE,
+            lapic_regs.MSR_IA32_TSC_DEADLINE,
+            rd,
+            wr,
+            "TSC_DEADLINE",
+        )
+        self.register_msr(lapic_regs.X2APIC_MSR_BASE, lapic_regs.X2APIC_MSR_LAST, rd, wr, "x2APIC")
+        self.register_mmio(
+            lambda state, gpa: state.lapic.claims(gpa),
+            lambda state, gpa, size, now: state.lapic.mmio_read(
+                gpa - state.lapic.base_address, size, now
+            ),
+            lambda state, gpa, size, value, now: state.lapic.mmio_write(
+                gpa - state.lapic.base_address, size, value, now
+            ),
+            "LAPIC",
+        )
+
+    def send_ipi(self, source: int, icr_low: int, dest: int) -> list[int]:
+        """Route an IPI from vCPU ``source`` to every LAPIC its ICR matches (KVM rules)."""
+        # ``deliver`` calls accept_irq on each target, which marks it for injection
+        return deliver(source, icr_low, dest, self.lapics, self._now)
+
+    def update_injection(self, state: VcpuState, now: int) -> None:
+        """Inject what this vCPU's LAPIC can deliver now (KVM does it on VM entry).
+
+        Each deliverable vector is acknowledged (IRR -> ISR) as it is injected, so the
+        next one waits for the guest's EOI unless its priority class is higher.
+        """
+        self._irq_dirty.discard(state.vcpu)
+        lapic = state.lapic
+        if lapic.take_nmi():
+            # vtick's guests have no NMI handler state yet: the NMI is taken and its
+            # handler considered returned (unblocking the next) when it is injected
+            lapic.nmi_iret()
+            self._inject(state, NMI_VECTOR, now, None)
+        while True:
+            not_before = lapic.inject_not_before
+            vector = lapic.ack()
+            if vector is None:
+                return
+            self._inject(state, vector, now, not_before)
+
+    def _inject(self, state: VcpuState, vector: int, now: int, not_before: int | None) -> None:
+        state.injected += 1
+        self._actions.append(InjectIrq(state.vcpu, vector, now, not_before))
+        state.wake()
+
+    def _flush_irqs(self, now: int) -> None:
+        while self._irq_dirty:
+            self.update_injection(self.vcpus[min(self._irq_dirty)], now)
 
     # ------------------------------------------------------------------ devices plug in here
 
@@ -218,16 +343,22 @@ class Machine:
         handler = self._dispatch.get(type(msg))
         if handler is None:
             raise TypeError(f"{type(msg).__name__} is not an exit")
+        self._now = now
         if isinstance(msg, m.ExitHlt):
+            self._flush_irqs(now)
             return self._hlt_seq(state, seq, unseen)
-        return handler(state, msg, now, unseen)
+        result = handler(state, msg, now, unseen)
+        self._flush_irqs(now)
+        return result
 
     def on_timer(self, now: int) -> None:
         """Run the callbacks of every host hrtimer due at ``now``."""
+        self._now = now
         for handle in self.hrtimers.expire(now):
             callback = self._timer_callbacks.pop(handle)
             name, vcpu = handle
             callback(self.vcpus[vcpu], now)
+        self._flush_irqs(now)
 
     def next_deadline(self) -> int | None:
         return self.hrtimers.next_expiry()

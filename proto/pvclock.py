@@ -92,7 +92,7 @@ class TscModel:
         search over the monotonic function settles it (slow TSCs, where one tick spans
         many ns).
         """
-        start = self._first_ns_of_tick(info.tsc_timestamp)
+        start = self.host_ns_for_tsc(info.tsc_timestamp)
         if ktime <= info.system_time:
             return start
 
@@ -115,7 +115,7 @@ class TscModel:
                 lo = mid + 1
         return lo
 
-    def _first_ns_of_tick(self, tsc: int) -> int:
-        """The smallest host ns t with self.tsc(t) >= tsc."""
+    def host_ns_for_tsc(self, tsc: int) -> int:
+        """The earliest host ns t at which the guest TSC reads ``>= tsc`` (never early)."""
         # tsc(t) = floor((t - epoch) * khz / 1e6) >= tsc  <=>  (t - epoch) * khz >= tsc * 1e6
         return self.tsc_epoch + -((-tsc * 1_000_000) // self.tsc_khz)

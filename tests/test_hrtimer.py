@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,16 +44,27 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=400)
+#: wheel geometries (tick_shift, level_bits, levels): ns-wide ticks put these small
+#: expiries on every level and past the top one; None is the default geometry
+GEOMETRIES = [None, (0, 1, 3), (0, 2, 2), (1, 1, 4)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@settings(max_examples=200)
 @given(ops=OPS)
-def test_matches_reference_model(ops):
+def test_matches_reference_model(geometry, ops):
     """Same fired handles, same order (expiry, then arming order), same next_expiry, always.
 
     Expiries are relative to a clock that only moves forward; a timer armed in the past
     fires at the next expire.  Also checks directly: nothing fires before its expiry, a
     timer fires at most once per arming, and a cancelled timer never fires.
     """
-    q, model = HrtimerQueue(), Model()
+    if geometry is None:
+        q = HrtimerQueue()
+    else:
+        tick_shift, level_bits, levels = geometry
+        q = HrtimerQueue(tick_shift=tick_shift, level_bits=level_bits, levels=levels)
+    model = Model()
     now = 0
     armed_at: dict = {}  # handle -> expiry of its live arming
     for op, handle, arg in ops:
@@ -113,3 +125,27 @@ def test_fires_at_exact_expiry_not_before():
     q.arm("t", 1_000_000_007)
     assert q.expire(1_000_000_006) == []
     assert q.expire(1_000_000_007) == ["t"]
+
+
+@pytest.mark.parametrize("level", range(8))
+def test_default_wheel_level_boundaries_fire_exactly(level):
+    """Around each default level's bucket edges (2**16 ns ticks, 64 buckets a level).
+
+    Timers a nanosecond either side of a bucket edge and of the edge of the level above
+    cascade at different times but fire in exact order, each at its own nanosecond.
+    """
+    q = HrtimerQueue()
+    base = 1_700_000_000_000_000_000  # a plausible CLOCK_MONOTONIC-like origin
+    q.expire(base)
+    width = 1 << (16 + 6 * level)  # a bucket of this level
+    edge = (base // width + 2) * width
+    upper = (base // (width * 64) + 1) * width * 64  # the next bucket edge one level up
+    expiries = sorted({e + d for e in (edge, upper) for d in (-1, 0, 1)})
+    for e in reversed(expiries):
+        q.arm(e, e)
+    q.arm("tie", edge)
+    for e in expiries:
+        assert q.next_expiry() == e
+        assert q.expire(e - 1) == []
+        assert q.expire(e) == ([e, "tie"] if e == edge else [e])
+    assert q.next_expiry() is None

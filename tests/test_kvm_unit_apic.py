@@ -22,7 +22,7 @@ import pytest
 
 from vtick.host.faults import GuestFault
 from vtick.host.lapic import Lapic, deliver
-from vtick.host.lapic import regs as r
+from vtick.proto import apicdef as r
 
 FIXED = r.DeliveryMode.FIXED
 NMI = r.DeliveryMode.NMI

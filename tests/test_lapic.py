@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from vtick.host.faults import GuestFault
 from vtick.host.lapic import Lapic, deliver, match_destinations, route
-from vtick.host.lapic import regs as r
+from vtick.proto import apicdef as r
 
 T0 = 10_000_000  # host ns at which tests start
 U64 = (1 << 64) - 1

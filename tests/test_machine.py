@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from guestlike import GuestLikeMachine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,7 @@ STOP = Hypercall.VTICK_TIMER_SHUTDOWN
 def make(vcpus: int = 2, tsc_khz: int = 2_500_000, features: int = Feature.PV_TIMER):
     """A machine whose vCPUs negotiated ``features``, with the PV timer device plugged in."""
     tsc = TscModel(tsc_khz=tsc_khz, tsc_epoch=T0 // 2, ktime_epoch=T0 // 4)
-    machine = Machine(vcpus, tsc, now=T0)
+    machine = GuestLikeMachine(vcpus, tsc, now=T0)
     for state in machine.vcpus:
         state.features = int(features)
     return machine, PvTimer(machine)
@@ -199,10 +200,10 @@ def test_register_hypercall_twice_is_refused():
 def test_unknown_msr_is_gp():
     """RDMSR/WRMSR of an MSR nobody claims raise #GP (fault 13)."""
     machine, _ = make()
-    read = machine.handle_exit(0, 1, m.ExitMsrRead(msr=0x6E0), T0, False)
+    read = machine.handle_exit(0, 1, m.ExitMsrRead(msr=0x1234), T0, False)
     write = machine.handle_exit(0, 2, m.ExitMsrWrite(msr=0x4B564D01, value=1), T0, False)
     assert read.fault == write.fault == Fault.GP == 13
-    assert machine.vcpus[0].unclaimed["rdmsr 0x6e0"] == 1
+    assert machine.vcpus[0].unclaimed["rdmsr 0x1234"] == 1
     assert machine.vcpus[0].unclaimed["wrmsr 0x4b564d01"] == 1
 
 

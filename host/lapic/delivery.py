@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vtick.host.lapic import regs as r
+from vtick.proto import apicdef as r
 
 if TYPE_CHECKING:
     from vtick.host.lapic.lapic import Lapic

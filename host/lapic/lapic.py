@@ -25,10 +25,11 @@ Everything the LAPIC needs from the host goes through a :class:`LapicPort`: armi
 cancelling the one host timer of this vCPU, reading and converting the guest TSC,
 routing an IPI, and "IRR/ISR/PPR changed, re-evaluate injection".
 
-Accesses are dispatched through two tables built from :data:`regs.REGISTERS`: the table
-decides whether an offset is readable/writable in the current mode (xAPIC vs x2APIC,
-with KVM's rules), and ``_readers`` / ``_writers`` map offsets to handlers.  A handler
-returning ``False`` is KVM's "return 1": silently dropped on the xAPIC MMIO path, #GP
+Accesses are dispatched through two tables built from
+:data:`vtick.proto.apicdef.REGISTERS`: the table decides whether an offset is
+readable/writable in the current mode (xAPIC vs x2APIC, with KVM's rules), and
+``_readers`` / ``_writers`` map offsets to handlers.  A handler returning ``False`` is
+KVM's "return 1": silently dropped on the xAPIC MMIO path, #GP
 (:class:`~vtick.host.faults.GuestFault`) on the x2APIC MSR and register-level paths.
 
 Timer
@@ -59,8 +60,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vtick.host.faults import GuestFault
-from vtick.host.lapic import regs as r
 from vtick.host.lapic.port import LapicPort
+from vtick.proto import apicdef as r
 from vtick.proto.abi import Fault
 from vtick.proto.clockmath import tdcr_divisor
 

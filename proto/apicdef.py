@@ -1,8 +1,9 @@
 """The local APIC register map: one table, plus every architectural constant the model uses.
 
 Everything here comes from ``lapic-kvm-linux.md`` sections 1-4 (``apicdef.h``,
-``lib/x86/apic-defs.h`` and KVM's ``lapic.c``).  Other modules of the package import
-from here; no register offset or bit value is spelled anywhere else.
+``lib/x86/apic-defs.h`` and KVM's ``lapic.c``).  The host's LAPIC model and the guest's
+APIC drivers both import from here, as Linux and KVM share ``apicdef.h``; no register
+offset or bit value is spelled anywhere else.
 
 :data:`REGISTERS` has one :class:`Reg` per 16-byte register slot that exists in either
 mode (the 8-word ISR/TMR/IRR arrays appear as eight rows each).  Its access columns are
