@@ -54,6 +54,8 @@ class InjectIrq:
     #: timer advance: do not deliver before this host time (KVM busy-waits until the
     #: TSC deadline before entry; the server does the same before sending)
     not_before: int | None = None
+    #: the PV EOI flag is set for this interrupt: the vCPU may EOI without an exit
+    pv_eoi: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,12 @@ class VcpuState:
     features: int = 0
 
     lapic: Lapic = field(init=False)
+    #: MSR_KVM_PV_EOI_EN as last written, and the vector whose EOI the vCPU may do by
+    #: clearing the PV EOI flag (set at injection, consumed when an exit reports it)
+    pv_eoi_msr: int = 0
+    pv_eoi_enabled: bool = False
+    pv_eoi_vector: int | None = None
+    pv_eois: int = 0
 
     def raise_irq(self, vector: int, now: int) -> bool:
         """A device raises a fixed, edge-triggered interrupt at this vCPU's LAPIC.
@@ -271,8 +279,50 @@ class Machine:
 
     def _inject(self, state: VcpuState, vector: int, now: int, not_before: int | None) -> None:
         state.injected += 1
-        self._actions.append(InjectIrq(state.vcpu, vector, now, not_before))
+        pv_eoi = self._pv_eoi_safe(state, vector)
+        if pv_eoi:
+            state.pv_eoi_vector = vector
+        self._actions.append(InjectIrq(state.vcpu, vector, now, not_before, pv_eoi))
         state.wake()
+
+    # ------------------------------------------------------------------ PV EOI
+
+    def set_pv_eoi(self, state: VcpuState, *, enabled: bool, now: int) -> None:
+        """MSR_KVM_PV_EOI_EN was written (the PvApic device validated it)."""
+        state.pv_eoi_enabled = enabled
+
+    @staticmethod
+    def _pv_eoi_safe(state: VcpuState, vector: int) -> bool:
+        """KVM sets the PV EOI flag before entry only when it is safe (reference §7):
+        PV EOI enabled, no flag outstanding, no other interrupt pending in IRR, the
+        vector alone in service (KVM's "highest ISR cache valid", i.e. not nested) and
+        edge-triggered (a level EOI must reach the IOAPIC)."""
+        lapic = state.lapic
+        bit = 1 << vector
+        return (
+            state.pv_eoi_enabled
+            and state.pv_eoi_vector is None
+            and lapic.irr == 0
+            and lapic.isr == bit
+            and not lapic.tmr & bit
+        )
+
+    def _pv_eoi_done(self, state: VcpuState, now: int) -> None:
+        """The vCPU cleared the PV EOI flag: perform the EOI on its behalf.
+
+        DEVIATION from KVM: KVM also takes the flag back at the next exit when the guest
+        has not cleared it yet (the guest's later EOI then traps).  vtick's vCPU cannot
+        see a host-side write to its flag, so the host waits for the vCPU to report the
+        clear on one of its exits; a lower-priority interrupt that arrives meanwhile waits
+        until then (at the latest, the vCPU's next HLT).
+        """
+        if state.pv_eoi_vector is None:
+            self.faults["pv_eoi without a flag set"] += 1
+            return
+        state.pv_eoi_vector = None
+        state.pv_eois += 1
+        state.lapic.eoi()
+        self._irq_dirty.add(state.vcpu)
 
     def _flush_irqs(self, now: int) -> None:
         while self._irq_dirty:
@@ -344,6 +394,8 @@ class Machine:
         if handler is None:
             raise TypeError(f"{type(msg).__name__} is not an exit")
         self._now = now
+        if isinstance(msg, m.ExitMessage) and msg.pv_eoi:
+            self._pv_eoi_done(state, now)
         if isinstance(msg, m.ExitHlt):
             self._flush_irqs(now)
             return self._hlt_seq(state, seq, unseen)

@@ -30,6 +30,7 @@ import trio
 from vtick.host.accounting import ExitAccounting
 from vtick.host.devices.kvmclock import KvmClock
 from vtick.host.devices.pit import Pit
+from vtick.host.devices.pvapic import PvApic
 from vtick.host.devices.pvtimer import PvTimer
 from vtick.host.devices.vmi_alarm import VmiAlarm
 from vtick.host.machine import CompleteHlt, InjectIrq, Machine
@@ -51,7 +52,9 @@ from vtick.proto.transport import (
 
 __all__ = ["Host", "HostConfig", "serve"]
 
-SUPPORTED_FEATURES = Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI
+SUPPORTED_FEATURES = (
+    Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI | Feature.PV_EOI | Feature.PV_SEND_IPI
+)
 ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
 REFUSE_SEND_TIMEOUT_S = 1.0
@@ -366,6 +369,7 @@ class Host:
         self.kvmclock.add_listener(self.pvtimer.on_republish)
         self.vmi_alarm = VmiAlarm(self.machine)
         self.pit = Pit(self.machine)
+        self.pvapic = PvApic(self.machine)
         self.links: list[VcpuLink] = []
         self._wake = trio.Event()
         self._sleeping_until = -1
@@ -416,7 +420,13 @@ class Host:
             if vl.link is None or vl.state is LinkState.DONE:
                 continue
             if isinstance(action, InjectIrq):
-                vl.send(m.Inject(vector=action.vector, host_time=action.now))
+                vl.send(
+                    m.Inject(
+                        vector=action.vector,
+                        host_time=action.now,
+                        pv_eoi=True if action.pv_eoi else None,
+                    )
+                )
             elif isinstance(action, CompleteHlt):
                 vl.send(m.ExitReply(re=action.re, value=0, fault=0, host_ns=0))
 

@@ -34,7 +34,9 @@ class Feature(IntFlag):
 
     PVCLOCK = 1 << 0  # kvmclock parameters published to the vCPU
     PV_TIMER = 1 << 1  # the paravirtual clock-event device (set_next_ktime)
-    VMI = 1 << 2  # VMI-style alarm in TSC cycles (SetAlarm / CancelAlarm)
+    VMI = 1 << 2  # VMI-style alarm in TSC cycles and apic_read/apic_write hypercalls
+    PV_EOI = 1 << 3  # KVM PV EOI (KVM_FEATURE_PV_EOI): EOI by clearing a flag, no exit
+    PV_SEND_IPI = 1 << 4  # KVM_HC_SEND_IPI (KVM_FEATURE_PV_SEND_IPI)
 
 
 class Hypercall(IntEnum):
@@ -57,6 +59,10 @@ class Hypercall(IntEnum):
     VTICK_VMI_SET_ALARM = 0x5654_0010
     # returns 1 if an alarm was pending (and is now cancelled), else 0
     VTICK_VMI_CANCEL_ALARM = 0x5654_0011
+    # VMI's paravirtual APIC accessors (VMI_APICRead / VMI_APICWrite): a0 = register
+    # offset in the APIC page, a1 = value (write); the read returns the value in RAX.
+    VTICK_VMI_APIC_READ = 0x5654_0012
+    VTICK_VMI_APIC_WRITE = 0x5654_0013
 
 
 #: Xen VCPU_SSHOTTMR_future: refuse a past expiry with -ETIME instead of firing at once.
@@ -104,6 +110,7 @@ class Msr(IntEnum):
     MSR_KVM_SYSTEM_TIME = 0x12  # legacy alias of MSR_KVM_SYSTEM_TIME_NEW
     MSR_KVM_WALL_CLOCK_NEW = 0x4B56_4D00
     MSR_KVM_SYSTEM_TIME_NEW = 0x4B56_4D01
+    MSR_KVM_PV_EOI_EN = 0x4B56_4D04  # bit 0 enable, bit 1 reserved, 63:2 GPA of the flag
 
 
 #: i8254 PIT input clock (Hz): CLOCK_TICK_RATE / PIT_TICK_RATE in Linux.

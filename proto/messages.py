@@ -108,7 +108,13 @@ class Error(Message):
 
 @dataclass(frozen=True, slots=True)
 class ExitMessage(Message):
-    """Base of the exits: synchronous vCPU -> host requests answered by an exit-reply."""
+    """Base of the exits: synchronous vCPU -> host requests answered by an exit-reply.
+
+    ``pv_eoi`` (keyword-only, on every exit): the vCPU did a paravirtual EOI since its
+    previous exit, which the host performs before handling this one.
+    """
+
+    pv_eoi: bool | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +189,7 @@ class Inject(Message):
     RULE: ClassVar[str] = "inject"
     vector: int
     host_time: int
+    pv_eoi: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
