@@ -415,6 +415,26 @@ class Machine:
     def next_deadline(self) -> int | None:
         return self.hrtimers.next_expiry()
 
+    def reset_vcpu(self, vcpu: int, now: int) -> None:
+        """A new guest process took over ``vcpu``: put it back in its power-on state.
+
+        Like a reset of a real CPU: its LAPIC is reset (IRR/ISR cleared, timer stopped,
+        software-disabled), every host timer armed for it is cancelled, PV EOI is off,
+        and it is no longer halted.  Without this an interrupt the old process never
+        EOI'd would block the new one forever.
+        """
+        state = self.vcpus[vcpu]
+        for handle in [h for h in self._timer_callbacks if h[1] == vcpu]:
+            self.hrtimers.cancel(handle)
+            del self._timer_callbacks[handle]
+        state.lapic.reset()
+        state.halted_exit = None
+        state.pv_eoi_msr = 0
+        state.pv_eoi_enabled = False
+        state.pv_eoi_vector = None
+        self._irq_dirty.discard(vcpu)
+        self._actions = [a for a in self._actions if a.vcpu != vcpu]
+
     def shutdown(self) -> None:
         """Every halted vCPU becomes runnable (it is about to be told to stop)."""
         for state in self.vcpus:

@@ -278,7 +278,9 @@ class VcpuLink:
                     else "no unacknowledged host messages"
                 )
             )
-            self.host.machine.vcpus[self.vcpu].halted_exit = None
+        if live or self.sessions:
+            # a new process on this vCPU starts from a reset vCPU, not the old one's state
+            self.host.machine.reset_vcpu(self.vcpu, now)
         if self.host.stopping:
             await self._raw_reply(
                 pipe, m.Refuse(code=ErrorCode.SHUTTING_DOWN, reason="run is over")

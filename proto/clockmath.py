@@ -60,6 +60,8 @@ def cev_delta2ns(latch: int, mult: int, shift: int, ismax: bool) -> int:
     overflow unless ``mult > 1 << shift``.  Results below 1000 ns are raised to 1000
     ("deltas below 1 us are noise").
     """
+    if mult == 0:
+        mult = 1  # Linux: WARN_ON(!evt->mult) then evt->mult = 1
     clc = (latch << shift) & U64_MASK
     if (clc >> shift) != latch:
         clc = U64_MASK

@@ -190,7 +190,7 @@ def test_time_scale_one_second_within_1ppm(base_hz):
 
 
 @given(
-    freq=st.integers(32_768, 5_000_000_000),
+    freq=st.integers(32_768, 2**32 - 1),  # clockevents_config takes a u32 freq
     min_ticks=st.integers(0, 0xFFFF),
     max_ticks=st.integers(0x20000, 2**64 - 1),  # well above min: min==max rounds apart
 )
