@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for every vCPU to connect",
     )
     host.add_argument(
+        "--timer-advance",
+        action="store_true",
+        help="adaptive LAPIC timer advance for TSC-deadline (KVM's lapic_timer_advance)",
+    )
+    host.add_argument(
         "--report-timeout",
         type=_duration,
         default=10.0,
@@ -185,6 +190,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         results_path=args.results,
         connect_timeout_s=args.connect_timeout,
         report_timeout_s=args.report_timeout,
+        timer_advance=args.timer_advance,
     )
     try:
         results = trio.run(serve, cfg)
