@@ -19,6 +19,7 @@ import secrets
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -27,16 +28,16 @@ from typing import Any
 import pynng
 import trio
 
-from vtick.host.accounting import ExitAccounting
+from vtick.host.accounting import ExitAccounting, exit_reason
 from vtick.host.devices.kvmclock import KvmClock
 from vtick.host.devices.pit import Pit
 from vtick.host.devices.pvapic import PvApic
 from vtick.host.devices.pvtimer import PvTimer
 from vtick.host.devices.vmi_alarm import VmiAlarm
-from vtick.host.machine import CompleteHlt, InjectIrq, Machine
+from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.host.results import write_json
 from vtick.proto import messages as m
-from vtick.proto.abi import PROTOCOL_VERSION, Feature
+from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
 from vtick.proto.lifecycle import watch_parent, watch_signals
@@ -326,7 +327,12 @@ class VcpuLink:
             seq = self.link.recv_next - 1
             unseen = self.link.peer_acked < self.link.send_next - 1
             t0 = time.perf_counter_ns()
-            result = self.host.machine.handle_exit(self.vcpu, seq, msg, now, unseen)
+            try:
+                result = self.host.machine.handle_exit(self.vcpu, seq, msg, now, unseen)
+            except Exception as exc:  # a model bug must not take the other vCPUs down
+                traceback.print_exc()
+                self.record_error(f"host bug handling {exit_reason(msg)}: {exc!r}")
+                result = ExitResult(fault=Fault.GP)
             host_ns = time.perf_counter_ns() - t0
             self.exits.record(msg, host_ns)
             # New kvmclock parameters go out before the reply: the guest must see a
