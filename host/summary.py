@@ -52,12 +52,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 def format_summary(results: dict[str, Any]) -> str:
     rows = results.get("summary") or summarize(results)["summary"]
     cfg = results["config"]
+    kinds: dict[str, int] = {}
+    for r in rows:
+        for k, n in r.get("exits", {}).items():
+            kinds[k] = kinds.get(k, 0) + n
+    kind_names = sorted(kinds)
     lines = [
         f"vtick run: {cfg['vcpus']} vCPUs, mode {cfg['mode']}, workload {cfg['workload']}, "
         f"{cfg['duration_s']} s, {cfg['listen'].split('://')[0]}",
         "",
         f"{'vCPU':>4} {'events':>8} {'early':>6} {'exits':>8} {'exits/ev':>8} "
-        f"{'hypercall rtt':>13} {'hlt rtt':>9} {'late p50':>9} {'late p99':>9} {'late max':>9}",
+        + "".join(f"{k + ' rtt':>16}" for k in kind_names)
+        + f" {'late p50':>9} {'late p99':>9} {'late max':>9}",
     ]
 
     def us(ns: int | None) -> str:
@@ -71,16 +77,13 @@ def format_summary(results: dict[str, Any]) -> str:
         late = r["lateness_ns"]
         lines.append(
             f"{r['vcpu']:>4} {r['events']:>8} {r['early']:>6} {sum(r['exits'].values()):>8} "
-            f"{r['exits_per_event'] or 0:>8} {us(rtt.get('hypercall')):>13} "
-            f"{us(rtt.get('hlt')):>9} "
-            f"{us(late['p50']):>9} {us(late['p99']):>9} {us(late['max']):>9}"
+            f"{r['exits_per_event'] or 0:>8} "
+            + "".join(f"{us(rtt.get(k)):>16}" for k in kind_names)
+            + f" {us(late['p50']):>9} {us(late['p99']):>9} {us(late['max']):>9}"
         )
-    kinds: dict[str, int] = {}
-    for r in rows:
-        for k, n in r.get("exits", {}).items():
-            kinds[k] = kinds.get(k, 0) + n
     lines.append("")
     lines.append("exits by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    lines.append("rtt: mean guest-side round trip of one exit of that kind, host handling included")
     errors = [f"vCPU {r['vcpu']}: {e}" for r in rows for e in r["errors"]]
     if errors:
         lines.append("link errors:")
