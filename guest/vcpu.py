@@ -11,20 +11,24 @@ Exit codes: 0 done, 2 no host reached, 3 refused, 4 protocol error, 5 link lost.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import trio
 from hdrh.histogram import HdrHistogram
 
-from vtick.guest.workload import TimerStorm
-from vtick.proto import apicdef
+from vtick.guest.clocksource import Kvmclock, PvclockPage
+from vtick.guest.cpu import KernelOp, PreemptionPoint, Udelay, hlt
+from vtick.guest.kernel import GuestKernel
+from vtick.guest.workload import TickWorkload, TimerStormWorkload
 from vtick.proto import messages as m
-from vtick.proto.abi import PROTOCOL_VERSION, Feature, Hypercall, Vector
+from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
 from vtick.proto.errors import LinkError, ProtocolError
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
@@ -34,9 +38,9 @@ from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
 
 __all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGHEST_NS"]
 
+T = TypeVar("T")
+DEFAULT_MODE = "pv-ktime"
 HELLO_RETRY_S = 0.2
-APIC_MMIO = apicdef.APIC_DEFAULT_BASE
-SVR_ON = apicdef.APIC_SPIV_APIC_ENABLED | apicdef.APIC_SPIV_VECTOR
 TICK_S = 0.02
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
 LATENESS_HIGHEST_NS = 60_000_000_000
@@ -55,7 +59,11 @@ class GuestConfig:
     token: bytes
     handshake_timeout_s: float = 10.0
     goodbye_timeout_s: float = 5.0
-    features: int = int(Feature.PVCLOCK | Feature.PV_TIMER)
+    features: int = int(
+        Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI | Feature.PV_EOI | Feature.PV_SEND_IPI
+    )
+    #: preemption points: name -> delay in ns injected every time the vCPU passes it
+    preempt_ns: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +74,7 @@ class GuestStats:
     lateness: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, LATENESS_HIGHEST_NS, 3))
     lateness_max: int = 0
     lateness_overflow: int = 0
+    preemptions: Counter[str] = field(default_factory=Counter)
 
     def record_lateness(self, ns: int) -> None:
         self.lateness_max = max(self.lateness_max, ns)
@@ -83,7 +92,7 @@ class GuestVcpu:
         self.welcomed = trio.Event()
         self.tsc: TscModel | None = None
         self.pvclock: PvclockInfo | None = None
-        self.pending: deque[int] = deque()
+        self.pending: deque[tuple[int, bool]] = deque()
         self.shutdown_requested = False
         self.host_goodbye = trio.Event()
         self._reply: m.ExitReply | None = None
@@ -92,8 +101,12 @@ class GuestVcpu:
         self.stats = GuestStats()
         self.pipes_seen = 0
         self.stale_frames = 0
-        self.storm: TimerStorm | None = None
         self.duration_ns = 0
+        self.page: PvclockPage | None = None
+        self.clock: Kvmclock | None = None
+        self.kernel: GuestKernel | None = None
+        self.workload: TimerStormWorkload | TickWorkload | None = None
+        self._pv_eois_reported = 0
 
     # ------------------------------------------------------------------ clock
 
@@ -162,12 +175,14 @@ class GuestVcpu:
             self._reply = msg
             self._reply_event.set()
         elif isinstance(msg, m.Inject):
-            self.pending.append(msg.vector)
+            self.pending.append((msg.vector, bool(msg.pv_eoi)))
             self._wake()
         elif isinstance(msg, m.Welcome):
             self._on_welcome(msg)
         elif isinstance(msg, m.Pvclock):
             self.pvclock = PvclockInfo.from_wire(msg.info)
+            if self.page is not None:
+                self.page.publish(self.pvclock)
         elif isinstance(msg, m.Shutdown):
             self.shutdown_requested = True
             self._wake()
@@ -208,6 +223,7 @@ class GuestVcpu:
             self.ep.sock.recv_max_size = msg.max_message
         self.tsc = TscModel(msg.tsc_khz, msg.tsc_epoch, 0)
         self.pvclock = PvclockInfo.from_wire(msg.pvclock)
+        self.page = PvclockPage(self.pvclock)
         self.welcomed.set()
 
     async def pipe_loop(self) -> None:
@@ -284,65 +300,116 @@ class GuestVcpu:
 
     # ------------------------------------------------------------------ workload
 
-    async def run_timer_storm(self) -> None:
-        assert self.welcome is not None
-        params = self.welcome.params
-        storm = TimerStorm(
-            seed=self.welcome.seed * 1_000_003 + self.cfg.vcpu,
-            timers=params.get("timers", 8),
-            min_ns=params.get("min_ns", 100_000),
-            max_ns=params.get("max_ns", 2_000_000),
+    def rdtsc(self) -> int:
+        """The guest TSC: derived from this machine's CLOCK_MONOTONIC (no exit)."""
+        assert self.tsc is not None
+        return self.tsc.tsc(monotonic_ns())
+
+    async def run_op(self, op: KernelOp[T]) -> T:
+        """Drive a guest kernel op: its exits go over the link, its preemption points
+        sleep for the configured delay (and cost one generator step otherwise)."""
+        value: Any = None
+        try:
+            while True:
+                item = op.send(value)
+                if isinstance(item, Udelay):
+                    await trio.sleep(item.ns / 1e9)  # udelay: guest time passes, no exit
+                    value = None
+                    continue
+                if isinstance(item, PreemptionPoint):
+                    delay = self.cfg.preempt_ns.get(item.name, 0)
+                    if delay:
+                        self.stats.preemptions[item.name] += 1
+                        await trio.sleep(delay / 1e9)
+                    value = None
+                    continue
+                if self.kernel is not None and self.kernel.ops.pv_eois != self._pv_eois_reported:
+                    # the vCPU cleared its PV EOI flag: say so on this exit (reference §7)
+                    self._pv_eois_reported = self.kernel.ops.pv_eois
+                    item = dataclasses.replace(item, pv_eoi=True)
+                value = await self.exit(item)
+        except StopIteration as done:
+            return done.value
+
+    async def run_kernel(self) -> None:
+        """Boot the guest kernel in the run's timer mode and run the workload."""
+        welcome = self.welcome
+        assert welcome is not None
+        assert self.page is not None
+        clock = Kvmclock(self.page, self.rdtsc)
+        self.clock = clock
+        kernel = GuestKernel(
+            self.cfg.vcpu,
+            welcome.vcpus,
+            welcome.mode or DEFAULT_MODE,
+            clock.read,
+            self.rdtsc,
+            welcome.tsc_khz,
+            hz=welcome.hz or 1000,
+            apic=welcome.apic,
+            on_expiry=lambda e: self.stats.record_lateness(e.lateness),
         )
-        # Software-enable the local APIC, as Linux's setup_local_APIC does: with SVR bit 8
-        # clear the APIC drops every fixed interrupt (reference section 1).
-        await self.exit(m.ExitMmioWrite(gpa=APIC_MMIO + apicdef.APIC_SPIV, size=4, value=SVR_ON))
-        started = self.ktime()
-        storm.start(started)
-        programmed: int | None = None
+        self.kernel = kernel
+        await self.run_op(kernel.boot())
+        params = welcome.params
+        seed = welcome.seed * 1_000_003 + self.cfg.vcpu
+        workload: TimerStormWorkload | TickWorkload
+        if welcome.workload == "timers":
+            workload = TimerStormWorkload(
+                kernel,
+                seed,
+                timers=params.get("timers", 8),
+                min_ns=params.get("min_ns", 100_000),
+                max_ns=params.get("max_ns", 2_000_000),
+                churn_pct=params.get("churn_pct", 10),
+            )
+        elif welcome.workload == "tick":
+            workload = TickWorkload(kernel)
+        else:
+            raise GuestFatal(4, f"{self.name}: unknown workload {welcome.workload!r}")
+        self.workload = workload
+        started = clock.read()
+        workload.start(started)
+        await self.run_op(kernel.reprogram())
         while True:
             # instruction boundary: deliver pending interrupts
-            while self.pending:
-                vector = self.pending.popleft()
-                if vector != Vector.SPURIOUS:
-                    # Linux acknowledges the local timer first (ack_APIC_irq), then runs
-                    # the clockevent handler; the EOI write is an exit (xAPIC MMIO).
-                    await self.exit(
-                        m.ExitMmioWrite(gpa=APIC_MMIO + apicdef.APIC_EOI, size=4, value=0)
-                    )
-                if vector == Vector.LOCAL_TIMER:
-                    programmed = None  # one-shot: the device is disarmed once it fired
-                    for ran in storm.on_interrupt(self.ktime()):
-                        self.stats.record_lateness(ran.lateness)
-                else:
-                    self.stats.spurious += 1
+            # (a vCPU whose timers are due faster than it can program them would stay in
+            # this loop forever: the shutdown request is checked between interrupts too)
+            while self.pending and not self.shutdown_requested:
+                vector, pv_eoi = self.pending.popleft()
+                await self.run_op(kernel.handle_interrupt(vector, pv_eoi))
             if self.shutdown_requested:
                 break
-            expiry = storm.next_expiry()
-            if programmed != expiry:
-                reply = await self.exit(
-                    m.ExitHypercall(nr=Hypercall.VTICK_SET_NEXT_KTIME, args=[expiry, 0])
-                )
-                if reply.value != 0:
-                    raise GuestFatal(4, f"{self.name}: set_next_ktime returned {reply.value}")
-                programmed = expiry
+            workload.between_interrupts(clock.read())
+            await self.run_op(kernel.reprogram())
             if not self.pending and not self.shutdown_requested:
-                await self.exit(m.ExitHlt())
-        self.duration_ns = self.ktime() - started
-        self.storm = storm
+                await self.run_op(hlt())
+        self.duration_ns = clock.read() - started
 
     async def finish(self) -> None:
-        storm = self.storm
         stats = self.stats
+        kernel = self.kernel
+        timers = kernel.timers if kernel is not None else None
+        counters: dict[str, int] = {}
+        if kernel is not None:
+            counters |= kernel.counters()
+        if self.workload is not None:
+            counters |= self.workload.counters()
+        counters |= {f"preempted {k}": v for k, v in stats.preemptions.items()}
+        if self.clock is not None:
+            counters["kvmclock_retries"] = self.clock.retries
         self._send(
             m.Report(
-                events=storm.events if storm else 0,
-                early=storm.early if storm else 0,
-                spurious=stats.spurious,
+                events=timers.ran if timers else 0,
+                early=timers.early if timers else 0,
+                spurious=kernel.spurious if kernel else 0,
                 exits=dict(stats.exits),
                 exit_rtt_ns=dict(stats.exit_rtt_ns),
                 lateness_hdr=stats.lateness.encode(),
                 lateness_max=stats.lateness_max,
                 duration_ns=self.duration_ns,
+                mode=kernel.mode if kernel else None,
+                counters=counters,
             ),
             monotonic_ns(),
         )
@@ -385,13 +452,7 @@ async def run_guest(cfg: GuestConfig) -> int:
             await nursery.start(watch_signals, stopped)
             nursery.start_soon(_orphan_guard, vcpu.name)
             await vcpu.connect(nursery)
-            if vcpu.welcome is None or vcpu.welcome.workload != "timers":
-                raise GuestFatal(
-                    4,
-                    f"{vcpu.name}: unknown workload "
-                    f"{vcpu.welcome.workload if vcpu.welcome else None!r}",
-                )
-            await vcpu.run_timer_storm()
+            await vcpu.run_kernel()
             await vcpu.finish()
             nursery.cancel_scope.cancel()
     except* GuestFatal as group:

@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["TimerStorm", "Expired"]
+__all__ = [
+    "TimerStorm",
+    "Expired",
+    "TimerStormWorkload",
+    "TickWorkload",
+    "TimerKernel",
+    "WORKLOADS",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +75,90 @@ class TimerStorm:
         else:
             self.early += 1
         return ran
+
+
+class TimerStormWorkload:
+    """The timer storm over the guest kernel's hrtimers (issue 4 workload ``timers``).
+
+    ``timers`` hrtimers at random expiries ``[min_ns, max_ns)`` ahead; each callback
+    re-arms its timer at a new random expiry.  Between interrupts, with probability
+    ``churn_pct`` %, one timer is cancelled and restarted or re-armed before it fired
+    (the normal life of an hrtimer: most are modified before they expire).
+    """
+
+    def __init__(
+        self,
+        kernel: TimerKernel,
+        seed: int,
+        timers: int = 8,
+        min_ns: int = 100_000,
+        max_ns: int = 2_000_000,
+        churn_pct: int = 10,
+    ) -> None:
+        if timers < 1 or not 0 < min_ns < max_ns or not 0 <= churn_pct <= 100:
+            raise ValueError("timers >= 1, 0 < min_ns < max_ns, 0 <= churn_pct <= 100")
+        self.kernel = kernel
+        self.rng = random.Random(seed)
+        self.timers = timers
+        self.min_ns = min_ns
+        self.max_ns = max_ns
+        self.churn_pct = churn_pct
+        self.events = 0
+        self.cancelled = 0
+        self.rearmed = 0
+
+    def _delay(self) -> int:
+        return self.rng.randrange(self.min_ns, self.max_ns)
+
+    def _fire(self, now: int, expires: int) -> int:
+        self.events += 1
+        return now + self._delay()
+
+    def start(self, now: int) -> None:
+        for i in range(self.timers):
+            self.kernel.start_timer(("storm", i), now + self._delay(), self._fire)
+
+    def between_interrupts(self, now: int) -> None:
+        if self.rng.randrange(100) >= self.churn_pct:
+            return
+        timer = ("storm", self.rng.randrange(self.timers))
+        if self.rng.random() < 0.5:
+            self.kernel.cancel_timer(timer)
+            self.cancelled += 1
+        else:
+            self.rearmed += 1
+        self.kernel.start_timer(timer, now + self._delay(), self._fire)
+
+    def counters(self) -> dict[str, int]:
+        return {"storm_cancelled": self.cancelled, "storm_rearmed": self.rearmed}
+
+
+class TickWorkload:
+    """The periodic tick alone (issue 4 workload ``tick``): HZ interrupts a second."""
+
+    def __init__(self, kernel: TimerKernel) -> None:
+        self.kernel = kernel
+
+    def start(self, now: int) -> None:
+        self.kernel.start_tick()
+
+    def between_interrupts(self, now: int) -> None:
+        return
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+class TimerKernel(Protocol):
+    """What the workloads need from the guest kernel (``vtick.guest.kernel.GuestKernel``)."""
+
+    def start_timer(
+        self, timer: Hashable, expires: int, callback: Callable[[int, int], int | None]
+    ) -> None: ...
+
+    def cancel_timer(self, timer: Hashable) -> bool: ...
+
+    def start_tick(self) -> None: ...
+
+
+WORKLOADS = ("timers", "tick")

@@ -9,6 +9,10 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from vtick.guest.apic import APIC_OPS
+from vtick.guest.kernel import MODES
+from vtick.guest.workload import WORKLOADS
+
 __all__ = ["main"]
 
 TOKEN_ENV = "VTICK_TOKEN"
@@ -74,17 +78,28 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
     p.add_argument(
         "--workload",
-        choices=["timers"],
+        choices=list(WORKLOADS),
         default="timers",
-        help="guest workload (timers: random hrtimers through the PV timer)",
+        help="guest workload: timers (random hrtimers, some cancelled or re-armed), "
+        "tick (the periodic tick alone)",
     )
+    p.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="pv-ktime",
+        help="timer mode: how the guest programs its clock-event device",
+    )
+    p.add_argument(
+        "--apic", choices=list(APIC_OPS), default=None, help="APIC access (default: the mode's)"
+    )
+    p.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
     p.add_argument(
         "--param",
         type=_param,
         action="append",
         default=[],
         metavar="NAME=INT",
-        help="workload parameter: timers, min_ns, max_ns",
+        help="workload parameter: timers, min_ns, max_ns, churn_pct",
     )
 
 
@@ -187,6 +202,9 @@ def _cmd_host(args: argparse.Namespace) -> int:
         workload=args.workload,
         seed=args.seed,
         params=dict(args.param),
+        mode=args.mode,
+        apic=args.apic,
+        hz=args.hz,
         results_path=args.results,
         connect_timeout_s=args.connect_timeout,
         report_timeout_s=args.report_timeout,
@@ -224,6 +242,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         params=dict(args.param),
         workload=args.workload,
+        mode=args.mode,
+        apic=args.apic,
+        hz=args.hz,
     )
     try:
         results = trio.run(launch, opts, args.json)

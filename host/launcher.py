@@ -48,6 +48,9 @@ class RunOptions:
     seed: int = 1
     params: dict[str, int] = field(default_factory=dict)
     workload: str = "timers"
+    mode: str = "pv-ktime"
+    apic: str | None = None
+    hz: int = 1000
 
 
 def describe_status(returncode: int) -> str:
@@ -127,6 +130,11 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                     str(opts.seed),
                     "--workload",
                     opts.workload,
+                    "--mode",
+                    opts.mode,
+                    "--hz",
+                    str(opts.hz),
+                    *(["--apic", opts.apic] if opts.apic else []),
                     "--results",
                     host_results,
                     *param_args,

@@ -69,6 +69,9 @@ class HostConfig:
     token: bytes
     duration_s: float = 5.0
     workload: str = "timers"
+    mode: str = "pv-ktime"
+    apic: str | None = None
+    hz: int = 1000
     seed: int = 1
     params: dict[str, int] = field(default_factory=dict)
     tsc_khz: int = 2_500_000
@@ -319,6 +322,9 @@ class VcpuLink:
             seed=cfg.seed,
             params=dict(cfg.params),
             resumed=resumed,
+            mode=cfg.mode,
+            apic=cfg.apic,
+            hz=cfg.hz,
         )
 
     async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
@@ -547,6 +553,8 @@ class Host:
                     "lateness_hdr": r.lateness_hdr.decode("ascii"),
                     "lateness_max_ns": r.lateness_max,
                     "duration_ns": r.duration_ns,
+                    "mode": r.mode,
+                    "counters": r.counters or {},
                 }
             else:
                 entry["guest"] = None
@@ -565,7 +573,9 @@ class Host:
                 "params": self.cfg.params,
                 "tsc_khz": self.cfg.tsc_khz,
                 "timer_advance": self.cfg.timer_advance,
-                "mode": "pv-ktime",
+                "mode": self.cfg.mode,
+                "apic": self.cfg.apic,
+                "hz": self.cfg.hz,
             },
             "wall_ns": ended_ns - (self.started_at or ended_ns),
             "vcpus": vcpus,

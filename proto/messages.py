@@ -78,6 +78,9 @@ class Welcome(Message):
     seed: int
     params: dict[str, int] = field(default_factory=dict)
     resumed: bool | None = None
+    mode: str | None = None
+    apic: str | None = None
+    hz: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,8 @@ class Report(Message):
     lateness_hdr: bytes
     lateness_max: int
     duration_ns: int
+    mode: str | None = None
+    counters: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
