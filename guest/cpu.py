@@ -39,6 +39,8 @@ __all__ = [
     "preemption_point",
     "Udelay",
     "udelay",
+    "MemoryWrite",
+    "SpinWait",
     "run_to_completion",
 ]
 
@@ -67,6 +69,22 @@ class Udelay:
 
 def udelay(ns: int) -> KernelOp[None]:
     yield Udelay(ns)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryWrite:
+    """A store to memory another vCPU reads (a csd, its lock flag): no exit, relayed by
+    the host because vtick's vCPUs share no memory."""
+
+    msg: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class SpinWait:
+    """Spin (interrupts enabled, no exit) until another vCPU's store arrives or the guest
+    clock reaches ``deadline``; interrupts pending meanwhile are handled first."""
+
+    deadline: int
 
 
 class GeneralProtection(Exception):  # noqa: N818 - the architectural name

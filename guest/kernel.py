@@ -29,9 +29,10 @@ from vtick.guest.drivers.pv_timer import PvDelta, PvKtime
 from vtick.guest.drivers.tsc_deadline import TscDeadline
 from vtick.guest.drivers.vmi_timer import VmiTimer
 from vtick.guest.hrtimer import Expiry, HighResTimers, HrtimerCallback
+from vtick.guest.smp import Smp
 from vtick.proto.abi import Msr, Vector
 
-__all__ = ["ModeSpec", "MODES", "GuestKernel", "KVMCLOCK_GPA", "TICK_TIMER"]
+__all__ = ["ModeSpec", "MODES", "IPI_VARIANTS", "GuestKernel", "KVMCLOCK_GPA", "TICK_TIMER"]
 
 KVMCLOCK_GPA = 0x2000
 TICK_TIMER = "tick"
@@ -58,6 +59,15 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
+#: IPI paths of DESIGN.md section 4: (APIC ops variant, use shorthands)
+IPI_VARIANTS: dict[str, tuple[str, bool]] = {
+    "xapic-shortcut": ("xapic", True),
+    "xapic-mask": ("xapic", False),
+    "x2apic": ("x2apic", True),
+    "pv": ("kvm-pv", True),
+}
+
+
 class GuestKernel:
     """Args:
     cpu, ncpus: this vCPU and the topology.
@@ -81,11 +91,18 @@ class GuestKernel:
         hz: int = 1000,
         apic: str | None = None,
         on_expiry: Callable[[Expiry], None] | None = None,
+        ipi: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
         self.spec = MODES[mode]
         self.mode = mode
+        shortcuts = True
+        if ipi is not None:
+            if ipi not in IPI_VARIANTS:
+                raise ValueError(f"unknown IPI variant {ipi!r}: one of {', '.join(IPI_VARIANTS)}")
+            ipi_apic, shortcuts = IPI_VARIANTS[ipi]
+            apic = apic or ipi_apic
         variant = apic or self.spec.apic
         if variant not in APIC_OPS:
             raise ValueError(f"unknown APIC ops {variant!r}: one of {', '.join(APIC_OPS)}")
@@ -96,6 +113,7 @@ class GuestKernel:
         self.hz = hz
         self.ops: ApicOps = APIC_OPS[variant](cpu, ncpus)
         self.core = ClockEvents(ktime, hz)
+        self.smp = Smp(cpu, ncpus, self.ops, ktime, shortcuts=shortcuts)
         self.calibration: Calibration | None = None
         self.dev: ClockEventDevice | None = None
         self.timers: HighResTimers | None = None
@@ -122,6 +140,7 @@ class GuestKernel:
         self.timers = HighResTimers(self.core, dev, self.on_expiry)
         state = CEState.PERIODIC if self.spec.periodic else CEState.ONESHOT
         yield from self.core.switch_state(dev, state)
+        yield from self.smp.announce_online()
 
     def _make_device(self) -> ClockEventDevice:
         timer = self.spec.timer
@@ -182,6 +201,12 @@ class GuestKernel:
         if pv_eoi:
             self.ops.pv_eoi_pending = True
         yield from self.ops.eoi()
+        if vector in (Vector.CALL_FUNCTION, Vector.CALL_FUNCTION_SINGLE):
+            yield from self.smp.flush_queue()
+            return
+        if vector == Vector.RESCHEDULE:
+            self.smp.stats.reschedules += 1  # scheduler_ipi: nothing else to model
+            return
         if vector != Vector.LOCAL_TIMER:
             self.unhandled += 1
             return
@@ -208,4 +233,16 @@ class GuestKernel:
         if self.calibration is not None:
             out["calibration_period"] = self.calibration.lapic_timer_period
             out["calibration_polls"] = self.calibration.polls
+        st = self.smp.stats
+        out |= {
+            "smp_calls": st.calls,
+            "csds_sent": st.csds_sent,
+            "csds_run": st.csds_run,
+            "ipis_sent": st.ipis_sent,
+            "shortcut_ipis": st.shortcut_ipis,
+            "empty_queue_ipis": st.empty_queue_ipis,
+            "csd_timeouts": st.timeouts,
+            "csd_errors": st.errors,
+            "reschedules": st.reschedules,
+        }
         return out

@@ -24,9 +24,15 @@ import trio
 from hdrh.histogram import HdrHistogram
 
 from vtick.guest.clocksource import Kvmclock, PvclockPage
-from vtick.guest.cpu import KernelOp, PreemptionPoint, Udelay, hlt
+from vtick.guest.cpu import KernelOp, MemoryWrite, PreemptionPoint, SpinWait, Udelay, hlt
 from vtick.guest.kernel import GuestKernel
-from vtick.guest.workload import TickWorkload, TimerStormWorkload
+from vtick.guest.workload import (
+    IpiStormWorkload,
+    MixedWorkload,
+    TickWorkload,
+    TimerStormWorkload,
+    Workload,
+)
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
@@ -41,6 +47,8 @@ __all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGH
 T = TypeVar("T")
 DEFAULT_MODE = "pv-ktime"
 HELLO_RETRY_S = 0.2
+#: a spinning vCPU re-checks its interrupts and the clock at least this often
+SPIN_SLICE_S = 0.005
 TICK_S = 0.02
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
 LATENESS_HIGHEST_NS = 60_000_000_000
@@ -105,8 +113,10 @@ class GuestVcpu:
         self.page: PvclockPage | None = None
         self.clock: Kvmclock | None = None
         self.kernel: GuestKernel | None = None
-        self.workload: TimerStormWorkload | TickWorkload | None = None
+        self.workload: Workload | None = None
         self._pv_eois_reported = 0
+        self._memory_event = trio.Event()
+        self._early_csds: list[m.Csd] = []
 
     # ------------------------------------------------------------------ clock
 
@@ -183,6 +193,17 @@ class GuestVcpu:
             self.pvclock = PvclockInfo.from_wire(msg.info)
             if self.page is not None:
                 self.page.publish(self.pvclock)
+        elif isinstance(msg, m.Csd):
+            if msg.dst != self.cfg.vcpu:
+                raise GuestFatal(4, f"{self.name}: host relayed a csd for vCPU {msg.dst}")
+            if self.kernel is None:
+                self._early_csds.append(msg)
+            else:
+                self.kernel.smp.on_csd(msg)
+        elif isinstance(msg, m.CsdDone):
+            if self.kernel is not None:
+                self.kernel.smp.on_done(msg)
+            self._memory_event.set()
         elif isinstance(msg, m.Shutdown):
             self.shutdown_requested = True
             self._wake()
@@ -198,7 +219,9 @@ class GuestVcpu:
             raise GuestFatal(4, f"{self.name}: unexpected {msg.RULE} from host")
 
     def _wake(self) -> None:
-        """An interrupt or a shutdown arrived; nothing to do: the host ends a HLT itself."""
+        """An interrupt or a shutdown arrived: a vCPU spinning in csd_lock_wait looks at
+        it now (a halted vCPU is woken by the host, which answers its HLT)."""
+        self._memory_event.set()
 
     def _on_welcome(self, msg: m.Welcome) -> None:
         if msg.resumed:
@@ -312,6 +335,16 @@ class GuestVcpu:
         try:
             while True:
                 item = op.send(value)
+                if isinstance(item, MemoryWrite):
+                    # a store another vCPU reads: relayed by the host, not an exit
+                    self._send(item.msg, monotonic_ns())
+                    self.flush()
+                    value = None
+                    continue
+                if isinstance(item, SpinWait):
+                    await self._spin_wait(item.deadline)
+                    value = None
+                    continue
                 if isinstance(item, Udelay):
                     await trio.sleep(item.ns / 1e9)  # udelay: guest time passes, no exit
                     value = None
@@ -331,6 +364,24 @@ class GuestVcpu:
         except StopIteration as done:
             return done.value
 
+    async def _spin_wait(self, deadline: int) -> None:
+        """Spin with interrupts enabled until a relayed store arrives or ``deadline``
+        (guest ktime): pending interrupts are handled right away, as a CPU spinning in
+        csd_lock_wait with IRQs on would (two CPUs waiting on each other must not
+        deadlock)."""
+        assert self.kernel is not None
+        assert self.clock is not None
+        while self.pending and not self.shutdown_requested:
+            vector, pv_eoi = self.pending.popleft()
+            await self.run_op(self.kernel.handle_interrupt(vector, pv_eoi))
+        if self._memory_event.is_set():
+            self._memory_event = trio.Event()
+            return
+        wait_s = max(0.0, (deadline - self.clock.read()) / 1e9)
+        with trio.move_on_after(min(wait_s, SPIN_SLICE_S)):
+            await self._memory_event.wait()
+        self._memory_event = trio.Event()
+
     async def run_kernel(self) -> None:
         """Boot the guest kernel in the run's timer mode and run the workload."""
         welcome = self.welcome
@@ -348,23 +399,32 @@ class GuestVcpu:
             hz=welcome.hz or 1000,
             apic=welcome.apic,
             on_expiry=lambda e: self.stats.record_lateness(e.lateness),
+            ipi=welcome.ipi,
         )
         self.kernel = kernel
+        for csd in self._early_csds:  # stores that arrived while this vCPU was booting
+            kernel.smp.on_csd(csd)
+        self._early_csds.clear()
         await self.run_op(kernel.boot())
         params = welcome.params
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
-        workload: TimerStormWorkload | TickWorkload
+        workload: Workload
+        storm = TimerStormWorkload(
+            kernel,
+            seed,
+            timers=params.get("timers", 8),
+            min_ns=params.get("min_ns", 100_000),
+            max_ns=params.get("max_ns", 2_000_000),
+            churn_pct=params.get("churn_pct", 10),
+        )
         if welcome.workload == "timers":
-            workload = TimerStormWorkload(
-                kernel,
-                seed,
-                timers=params.get("timers", 8),
-                min_ns=params.get("min_ns", 100_000),
-                max_ns=params.get("max_ns", 2_000_000),
-                churn_pct=params.get("churn_pct", 10),
-            )
+            workload = storm
         elif welcome.workload == "tick":
             workload = TickWorkload(kernel)
+        elif welcome.workload == "ipi":
+            workload = IpiStormWorkload(kernel, pause_ns=params.get("pause_ns", 0))
+        elif welcome.workload == "mixed":
+            workload = MixedWorkload(kernel, storm, params.get("ipi_every_ns", 2_000_000))
         else:
             raise GuestFatal(4, f"{self.name}: unknown workload {welcome.workload!r}")
         self.workload = workload
@@ -381,9 +441,12 @@ class GuestVcpu:
             if self.shutdown_requested:
                 break
             workload.between_interrupts(clock.read())
+            await self.run_op(workload.task(clock.read()))
             await self.run_op(kernel.reprogram())
-            if not self.pending and not self.shutdown_requested:
-                await self.run_op(hlt())
+            if self.pending or self.shutdown_requested or workload.wants_cpu(clock.read()):
+                await trio.lowlevel.checkpoint()  # let the link tasks run between calls
+                continue
+            await self.run_op(hlt())
         self.duration_ns = clock.read() - started
 
     async def finish(self) -> None:
@@ -410,6 +473,8 @@ class GuestVcpu:
                 duration_ns=self.duration_ns,
                 mode=kernel.mode if kernel else None,
                 counters=counters,
+                ipi_hdr=_hdr(kernel.smp.stats.ipi_latency_ns) if kernel else None,
+                call_hdr=_hdr(kernel.smp.stats.call_latency_ns) if kernel else None,
             ),
             monotonic_ns(),
         )
@@ -423,6 +488,16 @@ class GuestVcpu:
         self._send(m.Ack(), monotonic_ns())
         self.flush()
         await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
+
+
+def _hdr(values: list[int]) -> bytes | None:
+    """An HDR histogram (V2, compressed) of ``values``, or None when there are none."""
+    if not values:
+        return None
+    hist = HdrHistogram(1, LATENESS_HIGHEST_NS, 3)
+    for v in values:
+        hist.record_value(min(max(v, 1), LATENESS_HIGHEST_NS))
+    return hist.encode()
 
 
 async def _orphan_guard(name: str) -> None:

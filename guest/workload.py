@@ -14,7 +14,12 @@ import heapq
 import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from vtick.guest.cpu import KernelOp
+
+if TYPE_CHECKING:
+    from vtick.guest.smp import Smp
 
 __all__ = [
     "TimerStorm",
@@ -22,6 +27,9 @@ __all__ = [
     "TimerStormWorkload",
     "TickWorkload",
     "TimerKernel",
+    "IpiStormWorkload",
+    "MixedWorkload",
+    "Workload",
     "WORKLOADS",
 ]
 
@@ -129,6 +137,14 @@ class TimerStormWorkload:
             self.rearmed += 1
         self.kernel.start_timer(timer, now + self._delay(), self._fire)
 
+    def task(self, now: int) -> KernelOp[None]:
+        return
+        yield  # pragma: no cover
+
+    def wants_cpu(self, now: int) -> bool:
+        """True when the vCPU has task work now (it must not halt)."""
+        return False
+
     def counters(self) -> dict[str, int]:
         return {"storm_cancelled": self.cancelled, "storm_rearmed": self.rearmed}
 
@@ -145,8 +161,90 @@ class TickWorkload:
     def between_interrupts(self, now: int) -> None:
         return
 
+    def task(self, now: int) -> KernelOp[None]:
+        return
+        yield  # pragma: no cover
+
+    def wants_cpu(self, now: int) -> bool:
+        return False
+
     def counters(self) -> dict[str, int]:
         return {}
+
+
+class IpiStormWorkload:
+    """Every vCPU calls ``smp_call_function(wait=True)`` on all the others, back to back
+    (issue 4 workload ``ipi``): the IPI paths under the heaviest load they can get."""
+
+    def __init__(self, kernel: TimerKernel, pause_ns: int = 0) -> None:
+        self.kernel = kernel
+        self.pause_ns = pause_ns
+        self.calls = 0
+        self.failed_calls = 0
+        self._next = 0
+
+    def start(self, now: int) -> None:
+        self._next = now
+
+    def between_interrupts(self, now: int) -> None:
+        return
+
+    def task(self, now: int) -> KernelOp[None]:
+        if now < self._next or len(self.kernel.smp.online) < 2:
+            return  # nobody else online yet (they are still booting): nothing to call
+        errors = yield from self.kernel.smp.call_function("noop", self.calls, wait=True)
+        self.calls += 1
+        if errors:
+            self.failed_calls += 1
+        self._next = now + self.pause_ns
+
+    def wants_cpu(self, now: int) -> bool:
+        return now >= self._next
+
+    def counters(self) -> dict[str, int]:
+        return {"ipi_calls": self.calls, "ipi_failed_calls": self.failed_calls}
+
+
+class MixedWorkload:
+    """The timer storm plus an ``smp_call_function(wait=True)`` every ``ipi_every_ns``
+    from task context, triggered by an hrtimer (issue 4 workload ``mixed``)."""
+
+    def __init__(self, kernel: TimerKernel, storm: TimerStormWorkload, ipi_every_ns: int) -> None:
+        self.kernel = kernel
+        self.storm = storm
+        self.every = ipi_every_ns
+        self.calls = 0
+        self.failed_calls = 0
+        self._due = False
+
+    def _tick(self, now: int, expires: int) -> int:
+        self._due = True
+        return now + self.every
+
+    def start(self, now: int) -> None:
+        self.storm.start(now)
+        self.kernel.start_timer("mixed-ipi", now + self.every, self._tick)
+
+    def between_interrupts(self, now: int) -> None:
+        self.storm.between_interrupts(now)
+
+    def task(self, now: int) -> KernelOp[None]:
+        if not self._due:
+            return
+        self._due = False
+        errors = yield from self.kernel.smp.call_function("noop", self.calls, wait=True)
+        self.calls += 1
+        if errors:
+            self.failed_calls += 1
+
+    def wants_cpu(self, now: int) -> bool:
+        return self._due
+
+    def counters(self) -> dict[str, int]:
+        return self.storm.counters() | {
+            "ipi_calls": self.calls,
+            "ipi_failed_calls": self.failed_calls,
+        }
 
 
 class TimerKernel(Protocol):
@@ -160,5 +258,10 @@ class TimerKernel(Protocol):
 
     def start_tick(self) -> None: ...
 
+    @property
+    def smp(self) -> Smp: ...
 
-WORKLOADS = ("timers", "tick")
+
+WORKLOADS = ("timers", "tick", "ipi", "mixed")
+
+Workload = TimerStormWorkload | TickWorkload | IpiStormWorkload | MixedWorkload

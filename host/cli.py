@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from vtick.guest.apic import APIC_OPS
-from vtick.guest.kernel import MODES
+from vtick.guest.kernel import IPI_VARIANTS, MODES
 from vtick.guest.workload import WORKLOADS
 
 __all__ = ["main"]
@@ -93,6 +93,12 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         "--apic", choices=list(APIC_OPS), default=None, help="APIC access (default: the mode's)"
     )
     p.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
+    p.add_argument(
+        "--ipi",
+        choices=list(IPI_VARIANTS),
+        default=None,
+        help="IPI path for smp_call_function (sets the APIC access unless --apic is given)",
+    )
     p.add_argument(
         "--param",
         type=_param,
@@ -205,6 +211,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         mode=args.mode,
         apic=args.apic,
         hz=args.hz,
+        ipi=args.ipi,
         results_path=args.results,
         connect_timeout_s=args.connect_timeout,
         report_timeout_s=args.report_timeout,
@@ -245,6 +252,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mode=args.mode,
         apic=args.apic,
         hz=args.hz,
+        ipi=args.ipi,
     )
     try:
         results = trio.run(launch, opts, args.json)

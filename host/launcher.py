@@ -51,6 +51,7 @@ class RunOptions:
     mode: str = "pv-ktime"
     apic: str | None = None
     hz: int = 1000
+    ipi: str | None = None
 
 
 def describe_status(returncode: int) -> str:
@@ -135,6 +136,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                     "--hz",
                     str(opts.hz),
                     *(["--apic", opts.apic] if opts.apic else []),
+                    *(["--ipi", opts.ipi] if opts.ipi else []),
                     "--results",
                     host_results,
                     *param_args,

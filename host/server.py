@@ -28,6 +28,7 @@ from typing import Any
 import pynng
 import trio
 
+from vtick.guest.smp import CPU_ONLINE
 from vtick.host.accounting import ExitAccounting, exit_reason
 from vtick.host.devices.kvmclock import KvmClock
 from vtick.host.devices.pit import Pit
@@ -72,6 +73,7 @@ class HostConfig:
     mode: str = "pv-ktime"
     apic: str | None = None
     hz: int = 1000
+    ipi: str | None = None
     seed: int = 1
     params: dict[str, int] = field(default_factory=dict)
     tsc_khz: int = 2_500_000
@@ -113,6 +115,7 @@ class VcpuLink:
         self.refused: Counter[str] = Counter()
         self.bad_messages = 0
         self.stale_frames = 0
+        self.relayed = 0
         self.session_pipe: int | None = None
         self.sessions = 0
         self.pipes = Counter[str]()
@@ -302,6 +305,9 @@ class VcpuLink:
         self.host.machine.vcpus[self.vcpu].features = int(self.features)
         self.state = LinkState.OPEN
         self.link.send(self._welcome(resumed=None), now)
+        for (src, dst), store in sorted(self.host.online_stores.items()):
+            if dst == self.vcpu and src != self.vcpu:
+                self.link.send(store, now)  # what this vCPU would read in memory
         self.flush()
         self.host.connected(self)
 
@@ -325,6 +331,7 @@ class VcpuLink:
             mode=cfg.mode,
             apic=cfg.apic,
             hz=cfg.hz,
+            ipi=cfg.ipi,
         )
 
     async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
@@ -350,6 +357,8 @@ class VcpuLink:
                     now,
                 )
             self.host.run_actions()
+        elif isinstance(msg, m.Csd | m.CsdDone):
+            self.host.relay_memory(self, msg)
         elif isinstance(msg, m.Report):
             self.report = msg
             self.reported.set()
@@ -391,6 +400,8 @@ class Host:
         self._sleeping_until = -1
         self.stopping = False
         self.interrupted: str | None = None
+        #: guest memory that persists: cpu_online stores, by (src, dst)
+        self.online_stores: dict[tuple[int, int], m.Csd] = {}
         self.all_connected = trio.Event()
         self.started_at: int | None = None
 
@@ -421,6 +432,37 @@ class Host:
             if self.started_at is None:
                 self.started_at = monotonic_ns()
             self.all_connected.set()
+
+    def relay_memory(self, source: VcpuLink, msg: m.Csd | m.CsdDone) -> None:
+        """Carry a guest memory store (a csd or its unlock) to the vCPU that reads it.
+
+        It goes out on the destination's link in order with everything else sent there,
+        so a csd always precedes the IPI its sender raises afterwards.  A store for a
+        vCPU that is not running is answered here: the sender's wait ends with an error
+        at once instead of at its timeout.
+        """
+        if msg.src != source.vcpu or not 0 <= msg.dst < len(self.links):
+            source.record_error(f"{msg.RULE} with src {msg.src} dst {msg.dst} refused")
+            return
+        if isinstance(msg, m.Csd) and msg.func == CPU_ONLINE:
+            # cpu_online_mask is memory that outlives the store: a vCPU that comes up
+            # later must still read it, so the host keeps it and replays it at welcome
+            self.online_stores[(msg.src, msg.dst)] = msg
+        target = self.links[msg.dst]
+        if target.link is not None and target.state in (LinkState.OPEN, LinkState.CLOSING):
+            target.send(msg)
+            target.relayed += 1
+            return
+        if isinstance(msg, m.Csd) and msg.func != CPU_ONLINE:
+            source.send(
+                m.CsdDone(
+                    src=msg.dst,
+                    dst=msg.src,
+                    id=msg.id,
+                    ran=0,
+                    error=f"vCPU {msg.dst} is not running",
+                )
+            )
 
     def send_publications(self) -> None:
         """Send a ``pvclock`` message for every vCPU whose kvmclock was re-published."""
@@ -538,6 +580,7 @@ class Host:
                 "refused": dict(vl.refused),
                 "bad_messages": vl.bad_messages,
                 "stale_frames": vl.stale_frames,
+                "relayed_stores": vl.relayed,
                 "pipes": dict(vl.pipes),
                 "link_errors": list(vl.errors),
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,
@@ -555,6 +598,8 @@ class Host:
                     "duration_ns": r.duration_ns,
                     "mode": r.mode,
                     "counters": r.counters or {},
+                    "ipi_hdr": r.ipi_hdr.decode("ascii") if r.ipi_hdr else None,
+                    "call_hdr": r.call_hdr.decode("ascii") if r.call_hdr else None,
                 }
             else:
                 entry["guest"] = None
@@ -576,6 +621,7 @@ class Host:
                 "mode": self.cfg.mode,
                 "apic": self.cfg.apic,
                 "hz": self.cfg.hz,
+                "ipi": self.cfg.ipi,
             },
             "wall_ns": ended_ns - (self.started_at or ended_ns),
             "vcpus": vcpus,

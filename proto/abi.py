@@ -88,6 +88,9 @@ class Vector(IntEnum):
     """Interrupt vectors, as x86 Linux numbers them (arch/x86/include/asm/irq_vectors.h)."""
 
     LOCAL_TIMER = 0xEC
+    CALL_FUNCTION_SINGLE = 0xFB
+    CALL_FUNCTION = 0xFC
+    RESCHEDULE = 0xFD
     SPURIOUS = 0xFF
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "Inject",
     "Pvclock",
     "Shutdown",
+    "Csd",
+    "CsdDone",
     "Report",
     "Goodbye",
     "MESSAGE_CLASSES",
@@ -81,6 +83,7 @@ class Welcome(Message):
     mode: str | None = None
     apic: str | None = None
     hz: int | None = None
+    ipi: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +211,28 @@ class Shutdown(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Csd(Message):
+    RULE: ClassVar[str] = "csd"
+    src: int
+    dst: int
+    id: int
+    func: str
+    info: int
+    wait: bool
+    sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class CsdDone(Message):
+    RULE: ClassVar[str] = "csd-done"
+    src: int
+    dst: int
+    id: int
+    ran: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Report(Message):
     RULE: ClassVar[str] = "report"
     events: int
@@ -220,6 +245,8 @@ class Report(Message):
     duration_ns: int
     mode: str | None = None
     counters: dict[str, int] | None = None
+    ipi_hdr: bytes | None = None
+    call_hdr: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,22 +71,32 @@ STRATEGIES = {
         seed=U64,
         params=st.dictionaries(NAME, I64, max_size=5),
         resumed=st.none() | st.booleans(),
+        mode=st.none() | NAME,
+        apic=st.none() | NAME,
+        hz=st.none() | U32,
+        ipi=st.none() | NAME,
     ),
     m.Refuse: st.builds(m.Refuse, code=U16, reason=TEXT),
     m.Ack: st.builds(m.Ack, resend=st.none() | st.booleans()),
     m.Error: st.builds(m.Error, code=U16, reason=TEXT),
-    m.ExitMmioRead: st.builds(m.ExitMmioRead, gpa=U64, size=U8),
-    m.ExitMmioWrite: st.builds(m.ExitMmioWrite, gpa=U64, size=U8, value=U64),
-    m.ExitMsrRead: st.builds(m.ExitMsrRead, msr=U32),
-    m.ExitMsrWrite: st.builds(m.ExitMsrWrite, msr=U32, value=U64),
-    m.ExitPioIn: st.builds(m.ExitPioIn, port=U16, size=U8),
-    m.ExitPioOut: st.builds(m.ExitPioOut, port=U16, size=U8, value=U32),
-    m.ExitHypercall: st.builds(m.ExitHypercall, nr=U64, args=st.lists(U64, max_size=4)),
-    m.ExitHlt: st.builds(m.ExitHlt),
+    m.ExitMmioRead: st.builds(m.ExitMmioRead, gpa=U64, size=U8, pv_eoi=st.none() | st.booleans()),
+    m.ExitMmioWrite: st.builds(
+        m.ExitMmioWrite, gpa=U64, size=U8, value=U64, pv_eoi=st.none() | st.booleans()
+    ),
+    m.ExitMsrRead: st.builds(m.ExitMsrRead, msr=U32, pv_eoi=st.none() | st.booleans()),
+    m.ExitMsrWrite: st.builds(m.ExitMsrWrite, msr=U32, value=U64, pv_eoi=st.none() | st.booleans()),
+    m.ExitPioIn: st.builds(m.ExitPioIn, port=U16, size=U8, pv_eoi=st.none() | st.booleans()),
+    m.ExitPioOut: st.builds(
+        m.ExitPioOut, port=U16, size=U8, value=U32, pv_eoi=st.none() | st.booleans()
+    ),
+    m.ExitHypercall: st.builds(
+        m.ExitHypercall, nr=U64, args=st.lists(U64, max_size=4), pv_eoi=st.none() | st.booleans()
+    ),
+    m.ExitHlt: st.builds(m.ExitHlt, pv_eoi=st.none() | st.booleans()),
     m.ExitReply: st.builds(
         m.ExitReply, re=U64, value=st.integers(-(2**63), 2**64 - 1), fault=U8, host_ns=U64
     ),
-    m.Inject: st.builds(m.Inject, vector=U8, host_time=U64),
+    m.Inject: st.builds(m.Inject, vector=U8, host_time=U64, pv_eoi=st.none() | st.booleans()),
     m.Pvclock: st.builds(m.Pvclock, info=PVCLOCK_INFO),
     m.Shutdown: st.builds(m.Shutdown, reason=TEXT),
     m.Report: st.builds(
@@ -99,7 +109,15 @@ STRATEGIES = {
         lateness_hdr=st.binary(max_size=64) | BIG_BSTR,
         lateness_max=U64,
         duration_ns=U64,
+        mode=st.none() | NAME,
+        counters=st.none() | st.dictionaries(NAME, I64, max_size=6),
+        ipi_hdr=st.none() | st.binary(max_size=64),
+        call_hdr=st.none() | st.binary(max_size=64),
     ),
+    m.Csd: st.builds(
+        m.Csd, src=U32, dst=U32, id=U64, func=NAME, info=I64, wait=st.booleans(), sent=U64
+    ),
+    m.CsdDone: st.builds(m.CsdDone, src=U32, dst=U32, id=U64, ran=U64, error=st.none() | TEXT),
     m.Goodbye: st.builds(m.Goodbye),
 }
 

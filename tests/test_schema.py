@@ -37,6 +37,8 @@ KINDS = {
     "inject": 33,
     "pvclock": 34,
     "shutdown": 35,
+    "csd": 40,
+    "csd-done": 41,
     "report": 48,
     "goodbye": 49,
 }

@@ -1,0 +1,256 @@
+"""``smp_call_function`` and friends, modelled on ``kernel/smp.c`` (reference section 9).
+
+Sender (``call_function_many``): for each target, take the per-(sender, target) csd (its
+lock flag), fill it in and add it to the target's call queue; raise an IPI only for
+targets whose queue was empty; then one IPI (CALL_FUNCTION_SINGLE) for a single target,
+the ALLBUT shortcut when the targets are every other online CPU (and shortcuts are on),
+or a mask send otherwise; run the function locally if asked; with ``wait`` spin until
+every target unlocked its csd.  A dead or unresponsive target ends the wait with an
+error after ``timeout_ns``, never a hang.
+
+Target (``flush_queue``, from the CALL_FUNCTION vectors' handler): drain the queue; a
+synchronous csd runs its function, then unlocks; an asynchronous one unlocks first.
+
+vtick's vCPUs are separate processes without shared memory, so the csd and its unlock
+travel as host-relayed :class:`~vtick.guest.cpu.MemoryWrite` messages (no exits).  One
+consequence is a documented approximation: "the target's queue was empty" is judged from
+this sender's own outstanding csds, so a target may get an IPI that finds an empty queue
+when another sender got there first (counted on the target as ``empty_queue_ipis``).
+
+Functions are named (the wire carries a name, not code); :data:`FUNCTIONS` holds them.
+
+``cpu_online_mask`` is memory too: a booted vCPU announces itself to every other with a
+``cpu_online`` csd store (no IPI), and calls only target online CPUs, as Linux's do.
+The ALLBUT shortcut is used only once every CPU is online (Linux enables shorthands
+after all present CPUs booted).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from vtick.guest.apic import ApicOps
+from vtick.guest.cpu import KernelOp, MemoryWrite, SpinWait, preemption_point
+from vtick.proto import messages as m
+from vtick.proto.abi import Vector
+
+__all__ = [
+    "Smp",
+    "SmpStats",
+    "FUNCTIONS",
+    "PREEMPT_CSD_WAIT",
+    "DEFAULT_CSD_TIMEOUT_NS",
+    "CPU_ONLINE",
+]
+
+PREEMPT_CSD_WAIT = "smp.csd_wait"
+#: the store that sets this CPU's bit in cpu_online_mask on every other vCPU
+CPU_ONLINE = "cpu_online"
+DEFAULT_CSD_TIMEOUT_NS = 1_000_000_000
+
+
+def _noop(cpu: int, info: int) -> None:
+    return None
+
+
+#: functions a csd may name: fn(cpu_running_it, info)
+FUNCTIONS: dict[str, Callable[[int, int], None]] = {"noop": _noop}
+
+
+@dataclass
+class SmpStats:
+    calls: int = 0
+    csds_sent: int = 0
+    ipis_sent: int = 0
+    shortcut_ipis: int = 0
+    csds_run: int = 0
+    empty_queue_ipis: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    reschedules: int = 0
+    ipi_latency_ns: list[int] = field(default_factory=list)  # csd queued -> ran (target)
+    call_latency_ns: list[int] = field(default_factory=list)  # call -> all done (sender)
+    ran_by_sender: Counter[int] = field(default_factory=Counter)
+
+
+class Smp:
+    """Args:
+    cpu, ncpus: this vCPU and the online CPUs (0..ncpus-1).
+    ops: the APIC ops used to raise IPIs.
+    clock: guest ktime.
+    shortcuts: use the ALLBUT/ALLINC shorthands (Linux: once all CPUs booted).
+    """
+
+    def __init__(
+        self,
+        cpu: int,
+        ncpus: int,
+        ops: ApicOps,
+        clock: Callable[[], int],
+        shortcuts: bool = True,
+        timeout_ns: int = DEFAULT_CSD_TIMEOUT_NS,
+    ) -> None:
+        self.cpu = cpu
+        self.ncpus = ncpus
+        self.ops = ops
+        self.clock = clock
+        self.shortcuts = shortcuts
+        self.timeout_ns = timeout_ns
+        self.stats = SmpStats()
+        self._next_id = 1
+        self.outstanding: dict[tuple[int, int], int] = {}  # (target, id) -> sent
+        self.failed: dict[tuple[int, int], str] = {}
+        self.queue: deque[m.Csd] = deque()  # this CPU's call_single_queue
+        self.online: set[int] = {cpu}
+
+    def announce_online(self) -> KernelOp[None]:
+        """``set_cpu_online``: store this CPU's bit where every other CPU reads it."""
+        for target in range(self.ncpus):
+            if target != self.cpu:
+                yield MemoryWrite(
+                    m.Csd(
+                        src=self.cpu,
+                        dst=target,
+                        id=0,
+                        func=CPU_ONLINE,
+                        info=0,
+                        wait=False,
+                        sent=self.clock(),
+                    )
+                )
+
+    # ------------------------------------------------------------------ sender
+
+    def call_function_many(
+        self, targets: Iterable[int], func: str, info: int, wait: bool, run_local: bool = False
+    ) -> KernelOp[list[str]]:
+        """``smp_call_function_many_cond`` (no cond).  Returns the errors (empty = ok)."""
+        if func not in FUNCTIONS:
+            raise ValueError(f"unknown function {func!r}")
+        self.stats.calls += 1
+        started = self.clock()
+        mask = sorted({t for t in targets if t in self.online})
+        remote = [t for t in mask if t != self.cpu]
+        keys: list[tuple[int, int]] = []
+        need_ipi: list[int] = []
+        for target in remote:
+            was_empty = not any(dst == target for dst, _ in self.outstanding)
+            key = (target, self._next_id)
+            self._next_id += 1
+            sent = self.clock()
+            self.outstanding[key] = sent
+            keys.append(key)
+            msg = m.Csd(
+                src=self.cpu, dst=target, id=key[1], func=func, info=info, wait=wait, sent=sent
+            )
+            yield MemoryWrite(msg)
+            self.stats.csds_sent += 1
+            if was_empty:
+                need_ipi.append(target)
+        if need_ipi:
+            yield from self._send_ipis(need_ipi)
+        if run_local and self.cpu in mask:
+            FUNCTIONS[func](self.cpu, info)
+        if not wait:
+            return []
+        errors = yield from self._wait(keys)
+        self.stats.call_latency_ns.append(self.clock() - started)
+        return errors
+
+    def call_function(self, func: str, info: int, wait: bool) -> KernelOp[list[str]]:
+        """``smp_call_function``: every other online CPU."""
+        return (yield from self.call_function_many(range(self.ncpus), func, info, wait))
+
+    def call_function_single(
+        self, cpu: int, func: str, info: int, wait: bool
+    ) -> KernelOp[list[str]]:
+        if cpu == self.cpu:
+            FUNCTIONS[func](self.cpu, info)
+            return []
+        return (yield from self.call_function_many([cpu], func, info, wait))
+
+    def send_reschedule(self, cpu: int) -> KernelOp[None]:
+        """``smp_send_reschedule``."""
+        yield from self.ops.send_IPI(cpu, Vector.RESCHEDULE)
+        self.stats.ipis_sent += 1
+
+    def _send_ipis(self, cpus: list[int]) -> KernelOp[None]:
+        """``arch_send_call_function_ipi_mask`` / ``..._single_ipi``."""
+        others = [c for c in range(self.ncpus) if c != self.cpu]
+        all_online = len(self.online) == self.ncpus
+        if len(cpus) == 1:
+            yield from self.ops.send_IPI(cpus[0], Vector.CALL_FUNCTION_SINGLE)
+        elif self.shortcuts and all_online and cpus == others:
+            yield from self.ops.send_IPI_allbutself(Vector.CALL_FUNCTION)
+            self.stats.shortcut_ipis += 1
+        else:
+            yield from self.ops.send_IPI_mask(cpus, Vector.CALL_FUNCTION)
+        self.stats.ipis_sent += len(cpus)
+
+    def _wait(self, keys: list[tuple[int, int]]) -> KernelOp[list[str]]:
+        """``csd_lock_wait`` on every target: spin, interrupts enabled, bounded."""
+        deadline = self.clock() + self.timeout_ns
+        while any(k in self.outstanding for k in keys):
+            yield from preemption_point(PREEMPT_CSD_WAIT)
+            if self.clock() >= deadline:
+                break
+            yield SpinWait(deadline)
+        errors: list[str] = []
+        for key in keys:
+            if key in self.outstanding:
+                del self.outstanding[key]
+                self.stats.timeouts += 1
+                errors.append(
+                    f"vCPU {key[0]} did not run csd {key[1]} within {self.timeout_ns / 1e6:.0f} ms"
+                )
+            elif key in self.failed:
+                errors.append(self.failed.pop(key))
+        self.stats.errors += len(errors)
+        return errors
+
+    def on_done(self, msg: m.CsdDone) -> None:
+        """A target unlocked one of our csds (or the host reports it could not)."""
+        key = (msg.src, msg.id)
+        if self.outstanding.pop(key, None) is None:
+            return  # late: the wait already timed out
+        if msg.error:
+            self.failed[key] = f"vCPU {msg.src}: {msg.error}"
+
+    # ------------------------------------------------------------------ target
+
+    def on_csd(self, msg: m.Csd) -> None:
+        """A csd was added to this CPU's queue (the host relayed the sender's store)."""
+        if msg.func == CPU_ONLINE:
+            self.online.add(msg.src)  # a store to cpu_online_mask, not a call
+            return
+        self.queue.append(msg)
+
+    def flush_queue(self) -> KernelOp[None]:
+        """``flush_smp_call_function_queue``: run every queued csd."""
+        if not self.queue:
+            self.stats.empty_queue_ipis += 1
+        while self.queue:
+            csd = self.queue.popleft()
+            fn = FUNCTIONS.get(csd.func)
+            done = m.CsdDone(src=self.cpu, dst=csd.src, id=csd.id, ran=self.clock())
+            if fn is None:
+                yield MemoryWrite(
+                    m.CsdDone(
+                        src=self.cpu,
+                        dst=csd.src,
+                        id=csd.id,
+                        ran=0,
+                        error=f"unknown function {csd.func!r}",
+                    )
+                )
+                continue
+            if not csd.wait:
+                yield MemoryWrite(done)  # async: unlock first, then run
+            fn(self.cpu, csd.info)
+            self.stats.csds_run += 1
+            self.stats.ipi_latency_ns.append(done.ran - csd.sent)
+            self.stats.ran_by_sender[csd.src] += 1
+            if csd.wait:
+                yield MemoryWrite(done)  # sync: run, then unlock
