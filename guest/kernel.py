@@ -20,19 +20,32 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from vtick.guest.apic import APIC_OPS, ApicOps
+from vtick.guest.apic import APIC_OPS, PREEMPT_ICR_IDLE_TO_WRITE, ApicOps
 from vtick.guest.calibrate import Calibration, calibrate_lapic_timer, calibrate_lapic_timer_tsc
-from vtick.guest.clockevents import CEState, ClockEventDevice, ClockEvents
+from vtick.guest.clockevents import (
+    PREEMPT_DELTA_TO_DEVICE,
+    CEState,
+    ClockEventDevice,
+    ClockEvents,
+)
 from vtick.guest.cpu import KernelOp, wrmsr
 from vtick.guest.drivers.lapic_timer import LapicTimer, tick_nsec
 from vtick.guest.drivers.pv_timer import PvDelta, PvKtime
 from vtick.guest.drivers.tsc_deadline import TscDeadline
 from vtick.guest.drivers.vmi_timer import VmiTimer
 from vtick.guest.hrtimer import Expiry, HighResTimers, HrtimerCallback
-from vtick.guest.smp import Smp
+from vtick.guest.smp import PREEMPT_CSD_WAIT, Smp
 from vtick.proto.abi import Msr, Vector
 
-__all__ = ["ModeSpec", "MODES", "IPI_VARIANTS", "GuestKernel", "KVMCLOCK_GPA", "TICK_TIMER"]
+__all__ = [
+    "ModeSpec",
+    "MODES",
+    "IPI_VARIANTS",
+    "PREEMPTION_POINTS",
+    "GuestKernel",
+    "KVMCLOCK_GPA",
+    "TICK_TIMER",
+]
 
 KVMCLOCK_GPA = 0x2000
 TICK_TIMER = "tick"
@@ -58,6 +71,9 @@ MODES: dict[str, ModeSpec] = {
     "pv-future": ModeSpec("xapic", "pv-future", calibrate=False),
 }
 
+
+#: the named places where a delay can be injected (``vtick run --preempt POINT=NS``)
+PREEMPTION_POINTS = (PREEMPT_DELTA_TO_DEVICE, PREEMPT_ICR_IDLE_TO_WRITE, PREEMPT_CSD_WAIT)
 
 #: IPI paths of DESIGN.md section 4: (APIC ops variant, use shorthands)
 IPI_VARIANTS: dict[str, tuple[str, bool]] = {

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from vtick.guest.apic import APIC_OPS
-from vtick.guest.kernel import IPI_VARIANTS, MODES
+from vtick.guest.kernel import IPI_VARIANTS, MODES, PREEMPTION_POINTS
 from vtick.guest.workload import WORKLOADS
 
 __all__ = ["main"]
@@ -74,6 +74,33 @@ def _param(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
 
 
+def _preempt(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in PREEMPTION_POINTS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected POINT=NS with POINT one of {', '.join(PREEMPTION_POINTS)}"
+        )
+    try:
+        ns = int(value, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
+    if not 0 <= ns <= 10 * 10**9:
+        raise argparse.ArgumentTypeError(f"{text!r}: delay must be 0..10 s in ns")
+    return name, ns
+
+
+def _preempt_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preempt",
+        type=_preempt,
+        action="append",
+        default=[],
+        metavar="POINT=NS",
+        help="preempt the vCPU for NS ns every time it passes POINT: "
+        + ", ".join(PREEMPTION_POINTS),
+    )
+
+
 def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
     p.add_argument(
@@ -128,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", default="vtick-results.json", help="results file to write")
     _workload_args(run)
+    _preempt_arg(run)
 
     host = sub.add_parser("host", help="run the host (VMM) process")
     host.add_argument("--listen", type=_url, required=True)
@@ -162,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     guest.add_argument(
         "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
     )
+    _preempt_arg(guest)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -230,7 +259,12 @@ def _cmd_host(args: argparse.Namespace) -> int:
 def _cmd_guest(args: argparse.Namespace) -> int:
     from vtick.guest.vcpu import GuestConfig, run_guest
 
-    cfg = GuestConfig(connect=args.connect, vcpu=args.vcpu, token=_read_token(args.token_file))
+    cfg = GuestConfig(
+        connect=args.connect,
+        vcpu=args.vcpu,
+        token=_read_token(args.token_file),
+        preempt_ns=dict(args.preempt),
+    )
     try:
         return trio.run(run_guest, cfg)
     except KeyboardInterrupt:
@@ -253,6 +287,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         apic=args.apic,
         hz=args.hz,
         ipi=args.ipi,
+        preempt=dict(args.preempt),
     )
     try:
         results = trio.run(launch, opts, args.json)

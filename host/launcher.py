@@ -52,6 +52,8 @@ class RunOptions:
     apic: str | None = None
     hz: int = 1000
     ipi: str | None = None
+    #: preemption point -> injected delay in ns, for every vCPU
+    preempt: dict[str, int] = field(default_factory=dict)
 
 
 def describe_status(returncode: int) -> str:
@@ -149,7 +151,18 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
             await _wait_ready(host)
             for i in range(opts.vcpus):
                 proc = await trio.lowlevel.open_process(
-                    _child_cmd("guest", "--connect", listen, "--vcpu", str(i)),
+                    _child_cmd(
+                        "guest",
+                        "--connect",
+                        listen,
+                        "--vcpu",
+                        str(i),
+                        *[
+                            a
+                            for k, v in sorted(opts.preempt.items())
+                            for a in ("--preempt", f"{k}={v}")
+                        ],
+                    ),
                     env=env,
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,
