@@ -115,6 +115,7 @@ class GuestVcpu:
         self.kernel: GuestKernel | None = None
         self.workload: Workload | None = None
         self._pv_eois_reported = 0
+        self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
 
@@ -406,6 +407,7 @@ class GuestVcpu:
             kernel.smp.on_csd(csd)
         self._early_csds.clear()
         await self.run_op(kernel.boot())
+        self.boot_exits = dict(self.stats.exits)  # boot and calibration, not per event
         params = welcome.params
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
         workload: Workload
@@ -461,6 +463,7 @@ class GuestVcpu:
         counters |= {f"preempted {k}": v for k, v in stats.preemptions.items()}
         if self.clock is not None:
             counters["kvmclock_retries"] = self.clock.retries
+        counters |= {f"boot_exits {k}": v for k, v in self.boot_exits.items()}
         self._send(
             m.Report(
                 events=timers.ran if timers else 0,

@@ -27,13 +27,26 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"vcpu": v["vcpu"], "errors": v["link_errors"]}
         if g:
             exits = g["exits"]
+            boot = {
+                k.removeprefix("boot_exits "): n
+                for k, n in (g.get("counters") or {}).items()
+                if k.startswith("boot_exits ")
+            }
+            steady = {k: n - boot.get(k, 0) for k, n in exits.items()}
             row.update(
                 events=g["events"],
                 early=g["early"],
                 exits=exits,
-                exits_per_event=round(sum(exits.values()) / g["events"], 3)
+                boot_exits=boot,
+                # steady state: the exits of boot and calibration are not per event
+                exits_per_event=round(sum(steady.values()) / g["events"], 3)
                 if g["events"]
                 else None,
+                exits_per_event_by_kind={
+                    k: round(n / g["events"], 3) for k, n in sorted(steady.items()) if n
+                }
+                if g["events"]
+                else {},
                 guest_rtt_mean_ns={
                     k: g["exit_rtt_ns_total"][k] // n for k, n in exits.items() if n
                 },
@@ -42,7 +55,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                     for k, a in v["host_exits"].items()
                     if a["count"]
                 },
+                exits_per_interrupt_by_kind={
+                    k: round(n / irqs, 3) for k, n in sorted(steady.items()) if n
+                }
+                if (irqs := (g.get("counters") or {}).get("device_interrupts"))
+                else {},
                 lateness_ns=_lateness(g),
+                calibration_period=(g.get("counters") or {}).get("calibration_period"),
             )
         rows.append(row)
     results["summary"] = rows
@@ -84,6 +103,27 @@ def format_summary(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("exits by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     lines.append("rtt: mean guest-side round trip of one exit of that kind, host handling included")
+    lines.append("exits/ev: exits per timer callback after boot (boot and calibration excluded)")
+    for key, label in (
+        ("exits_per_event_by_kind", "exits per timer callback"),
+        ("exits_per_interrupt_by_kind", "exits per timer device interrupt"),
+    ):
+        per_kind: dict[str, float] = {}
+        for r in rows:
+            for k, x in r.get(key, {}).items():
+                per_kind[k] = per_kind.get(k, 0.0) + x / len(rows)
+        if per_kind:
+            lines.append(
+                f"{label} by kind (mean over vCPUs): "
+                + ", ".join(f"{k} {x:.3f}" for k, x in sorted(per_kind.items()))
+            )
+    calib = [(r["vcpu"], r["calibration_period"]) for r in rows if r.get("calibration_period")]
+    if calib:
+        hz = cfg.get("hz") or 1000
+        lines.append(
+            "LAPIC calibration error vs the 1 GHz bus: "
+            + ", ".join(f"vCPU {c} {(p * hz - 1e9) / 1e7:+.3f}%" for c, p in calib)
+        )
     errors = [f"vCPU {r['vcpu']}: {e}" for r in rows for e in r["errors"]]
     if errors:
         lines.append("link errors:")
