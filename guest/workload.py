@@ -172,6 +172,10 @@ class TickWorkload:
         return {}
 
 
+#: the IPI storm sends a reschedule IPI after every this many calls
+RESCHEDULE_EVERY = 10
+
+
 class IpiStormWorkload:
     """Every vCPU calls ``smp_call_function(wait=True)`` on all the others, back to back
     (issue 4 workload ``ipi``): the IPI paths under the heaviest load they can get."""
@@ -196,6 +200,12 @@ class IpiStormWorkload:
         self.calls += 1
         if errors:
             self.failed_calls += 1
+        if self.calls % RESCHEDULE_EVERY == 0:
+            # now and then a reschedule IPI to the next online CPU (smp_send_reschedule)
+            smp = self.kernel.smp
+            others = sorted(c for c in smp.online if c != smp.cpu)
+            if others:
+                yield from smp.send_reschedule(others[self.calls // RESCHEDULE_EVERY % len(others)])
         self._next = now + self.pause_ns
 
     def wants_cpu(self, now: int) -> bool:
