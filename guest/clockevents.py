@@ -197,7 +197,7 @@ class ClockEvents:
         """Switch the active device at run time (``clockevents_exchange_device``)."""
         old = self.active
         if new not in self.devices:
-            self.register(new)
+            new.register(self)  # the driver's own registration (it may configure itself)
         if old is not None and old is not new:
             yield from self.shutdown(old)
             old.state = CEState.DETACHED

@@ -123,13 +123,19 @@ class HighResTimers:
         on_expiry: Callable[[Expiry], None] | None = None,
     ) -> None:
         self.core = core
-        self.dev = dev
+        self._dev = dev
         self.queue = HrtimerQueue()
         self.on_expiry = on_expiry
         self.early = 0  # device interrupts with nothing due
         self.interrupts = 0
         self.retries = 0  # -ETIME answers that made hrtimer_interrupt loop
         self.ran = 0
+
+    @property
+    def dev(self) -> ClockEventDevice:
+        """The device to program: the core's active one, which can change at run time
+        (``ClockEvents.exchange``), as Linux's tick layer follows its current device."""
+        return self.core.active or self._dev
 
     @property
     def programmed(self) -> int:

@@ -26,6 +26,7 @@ APIC_DIVISOR = 16
 TDCR_DIVIDE_BY_16 = 0x3
 _MAX_TICKS = 0x7FFF_FFFF
 _MIN_TICKS = 0xF
+_TDCR_DIV_BITS = 0xB  # APIC_TDR_DIV_1 | APIC_TDR_DIV_TMBASE: the divide field
 
 
 def tick_nsec(hz: int) -> int:
@@ -56,7 +57,9 @@ class LapicTimer(ClockEventDevice):
         """``__setup_APIC_LVTT(lapic_timer_period, oneshot, irqen=1)``."""
         lvtt = self.vector | (a.APIC_LVT_TIMER_PERIODIC if periodic else 0)
         yield from self.ops.write(a.APIC_LVTT, lvtt)
-        yield from self.ops.write(a.APIC_TDCR, TDCR_DIVIDE_BY_16)
+        # Linux: TDCR = (TDCR & ~(DIV_1 | DIV_TMBASE)) | DIV_16, a read-modify-write
+        tdcr = yield from self.ops.read(a.APIC_TDCR)
+        yield from self.ops.write(a.APIC_TDCR, (tdcr & ~_TDCR_DIV_BITS) | TDCR_DIVIDE_BY_16)
         if periodic:
             yield from self.ops.write(a.APIC_TMICT, self.period // APIC_DIVISOR)
 
