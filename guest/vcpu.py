@@ -365,6 +365,15 @@ class GuestVcpu:
         except StopIteration as done:
             return done.value
 
+    def _next_interrupt(self) -> tuple[int, bool]:
+        """The pending interrupt the CPU takes first: the highest vector (its priority
+        class is vector >> 4; the host's LAPIC already orders injection by PPR, this
+        orders what arrived together)."""
+        best = max(range(len(self.pending)), key=lambda i: self.pending[i][0])
+        item = self.pending[best]
+        del self.pending[best]
+        return item
+
     async def _spin_wait(self, deadline: int) -> None:
         """Spin with interrupts enabled until a relayed store arrives or ``deadline``
         (guest ktime): pending interrupts are handled right away, as a CPU spinning in
@@ -373,7 +382,7 @@ class GuestVcpu:
         assert self.kernel is not None
         assert self.clock is not None
         while self.pending and not self.shutdown_requested:
-            vector, pv_eoi = self.pending.popleft()
+            vector, pv_eoi = self._next_interrupt()
             await self.run_op(self.kernel.handle_interrupt(vector, pv_eoi))
         if self._memory_event.is_set():
             self._memory_event = trio.Event()
@@ -438,7 +447,7 @@ class GuestVcpu:
             # (a vCPU whose timers are due faster than it can program them would stay in
             # this loop forever: the shutdown request is checked between interrupts too)
             while self.pending and not self.shutdown_requested:
-                vector, pv_eoi = self.pending.popleft()
+                vector, pv_eoi = self._next_interrupt()
                 await self.run_op(kernel.handle_interrupt(vector, pv_eoi))
             if self.shutdown_requested:
                 break
