@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import struct
 import sys
 import time
 from collections import Counter, deque
@@ -74,6 +75,34 @@ class GuestConfig:
     preempt_ns: dict[str, int] = field(default_factory=dict)
 
 
+TIMELINE_POINTS = 2048
+
+
+class Timeline:
+    """At most ``limit`` (time, value) samples spread over the whole run: every sample is
+    kept until the buffer is full, then every other one is dropped and only every 2nd,
+    4th, ... new one is kept (stride doubling), so memory stays bounded and recording
+    costs a counter increment most of the time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.stride = 1
+        self.seen = 0
+        self.points: list[tuple[int, int]] = []
+
+    def add(self, at: int, value: int) -> None:
+        self.seen += 1
+        if self.seen % self.stride:
+            return
+        self.points.append((at, value))
+        if len(self.points) >= self.limit:
+            self.points = self.points[::2]
+            self.stride *= 2
+
+    def pack(self) -> bytes:
+        return b"".join(struct.pack("<qq", t, v) for t, v in self.points)
+
+
 @dataclass
 class GuestStats:
     exits: Counter[str] = field(default_factory=Counter)
@@ -83,8 +112,10 @@ class GuestStats:
     lateness_max: int = 0
     lateness_overflow: int = 0
     preemptions: Counter[str] = field(default_factory=Counter)
+    timeline: Timeline = field(default_factory=lambda: Timeline(TIMELINE_POINTS))
 
-    def record_lateness(self, ns: int) -> None:
+    def record_lateness(self, ns: int, at: int = 0) -> None:
+        self.timeline.add(at, ns)
         self.lateness_max = max(self.lateness_max, ns)
         if not self.lateness.record_value(min(max(ns, 0), LATENESS_HIGHEST_NS)):
             self.lateness_overflow += 1
@@ -408,7 +439,7 @@ class GuestVcpu:
             welcome.tsc_khz,
             hz=welcome.hz or 1000,
             apic=welcome.apic,
-            on_expiry=lambda e: self.stats.record_lateness(e.lateness),
+            on_expiry=lambda e: self.stats.record_lateness(e.lateness, e.ran_at),
             ipi=welcome.ipi,
         )
         self.kernel = kernel
@@ -487,6 +518,7 @@ class GuestVcpu:
                 counters=counters,
                 ipi_hdr=_hdr(kernel.smp.stats.ipi_latency_ns) if kernel else None,
                 call_hdr=_hdr(kernel.smp.stats.call_latency_ns) if kernel else None,
+                timeline=stats.timeline.pack() or None,
             ),
             monotonic_ns(),
         )

@@ -41,10 +41,12 @@ class ExitAccount:
     count: int = 0
     host_ns_total: int = 0
     host_ns_max: int = 0
+    modeled_ns_total: int = 0  # added by an exit-cost profile (0 without one)
 
-    def add(self, host_ns: int) -> None:
+    def add(self, host_ns: int, modeled_ns: int = 0) -> None:
         self.count += 1
         self.host_ns_total += host_ns
+        self.modeled_ns_total += modeled_ns
         if host_ns > self.host_ns_max:
             self.host_ns_max = host_ns
 
@@ -53,6 +55,7 @@ class ExitAccount:
             "count": self.count,
             "host_ns_total": self.host_ns_total,
             "host_ns_max": self.host_ns_max,
+            "modeled_ns_total": self.modeled_ns_total,
         }
 
 
@@ -63,10 +66,10 @@ class ExitAccounting:
     by_kind: dict[str, ExitAccount] = field(default_factory=dict)
     by_reason: dict[str, ExitAccount] = field(default_factory=dict)
 
-    def record(self, msg: m.Message, host_ns: int) -> None:
+    def record(self, msg: m.Message, host_ns: int, modeled_ns: int = 0) -> None:
         kind = m.EXIT_KIND_NAMES[type(msg)]
-        self.by_kind.setdefault(kind, ExitAccount()).add(host_ns)
-        self.by_reason.setdefault(exit_reason(msg), ExitAccount()).add(host_ns)
+        self.by_kind.setdefault(kind, ExitAccount()).add(host_ns, modeled_ns)
+        self.by_reason.setdefault(exit_reason(msg), ExitAccount()).add(host_ns, modeled_ns)
 
     def kinds(self) -> dict[str, dict[str, int]]:
         return {k: a.as_dict() for k, a in sorted(self.by_kind.items())}

@@ -74,6 +74,35 @@ def _param(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
 
 
+def _exit_cost(text: str) -> str:
+    from vtick.host.exitcost import load_profile
+
+    try:
+        load_profile(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _choices(allowed: list[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``allowed``, or 'all' / 'none'."""
+
+    def parse(text: str) -> list[str]:
+        if text == "all":
+            return list(allowed)
+        if text == "none":
+            return []
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from {', '.join(allowed)} (comma-separated), all or none"
+            )
+        return items
+
+    return parse
+
+
 def _preempt(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or name not in PREEMPTION_POINTS:
@@ -143,9 +172,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="launch a host and N vCPU processes, print the summary")
+    run = sub.add_parser(
+        "run",
+        help="the main job: every timer mode, then every IPI path, then the comparison",
+        description="Run each timer mode with the timer workload, then each IPI path with "
+        "the IPI storm, each on a fresh host and fresh vCPU processes, and print one "
+        "comparison table per family.",
+    )
     run.add_argument("--vcpus", type=_vcpu_count, default=4)
-    run.add_argument("--duration", type=_duration, default=5.0, help="seconds of workload")
+    run.add_argument("--duration", type=_duration, default=1.8, help="seconds of workload per path")
+    run.add_argument(
+        "--modes",
+        type=_choices(list(MODES)),
+        default=list(MODES),
+        help="comma-separated timer modes, 'all' or 'none' (default all)",
+    )
+    run.add_argument(
+        "--ipi",
+        type=_choices(list(IPI_VARIANTS)),
+        default=list(IPI_VARIANTS),
+        help="comma-separated IPI paths, 'all' or 'none' (default all)",
+    )
+    run.add_argument(
+        "--workload",
+        choices=["timers", "tick", "mixed"],
+        default="timers",
+        help="workload of the timer modes (the IPI paths always run the IPI storm)",
+    )
     run.add_argument(
         "--listen",
         type=_url,
@@ -154,8 +207,32 @@ def _parser() -> argparse.ArgumentParser:
         "tcp://HOST:PORT uses ports PORT..PORT+N-1",
     )
     run.add_argument("--json", default="vtick-results.json", help="results file to write")
-    _workload_args(run)
+    run.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    run.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
+    run.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
+    run.add_argument(
+        "--apic", choices=list(APIC_OPS), default=None, help="APIC access (default: the mode's)"
+    )
+    run.add_argument(
+        "--exit-cost",
+        type=_exit_cost,
+        default=None,
+        metavar="PROFILE",
+        help="add a modeled host cost per exit (kvm-2011-xapic, x2apic, apicv, or a TOML file)",
+    )
+    run.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="workload parameter: timers, min_ns, max_ns, churn_pct, pause_ns, ipi_every_ns",
+    )
     _preempt_arg(run)
+
+    cmp = sub.add_parser("compare", help="print the differences between two results files")
+    cmp.add_argument("a", help="results JSON of the first run")
+    cmp.add_argument("b", help="results JSON of the second run")
 
     host = sub.add_parser("host", help="run the host (VMM) process")
     host.add_argument("--listen", type=_url, required=True)
@@ -167,6 +244,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_duration,
         default=30.0,
         help="seconds to wait for every vCPU to connect",
+    )
+    host.add_argument(
+        "--exit-cost",
+        type=_exit_cost,
+        default=None,
+        metavar="PROFILE",
+        help="add a modeled handling cost per exit: a shipped profile "
+        "(kvm-2011-xapic, x2apic, apicv) or a TOML file",
     )
     host.add_argument(
         "--timer-advance",
@@ -245,6 +330,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout,
         report_timeout_s=args.report_timeout,
         timer_advance=args.timer_advance,
+        exit_cost=args.exit_cost,
     )
     try:
         results = trio.run(serve, cfg)
@@ -272,36 +358,87 @@ def _cmd_guest(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from vtick.host.launcher import RunFailed, RunOptions, launch
-    from vtick.host.results import write_json
-    from vtick.host.summary import format_summary, summarize
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    opts = RunOptions(
+    from vtick.host.campaign import CampaignOptions, run_campaign
+    from vtick.host.launcher import RunInterrupted
+    from vtick.host.report import print_campaign
+    from vtick.host.results import write_json
+
+    opts = CampaignOptions(
+        modes=args.modes,
+        ipis=args.ipi,
         vcpus=args.vcpus,
         duration_s=args.duration,
-        listen=args.listen,
+        timer_workload=args.workload,
         seed=args.seed,
-        params=dict(args.param),
-        workload=args.workload,
-        mode=args.mode,
-        apic=args.apic,
         hz=args.hz,
-        ipi=args.ipi,
+        apic=args.apic,
+        listen=args.listen,
+        params=dict(args.param),
         preempt=dict(args.preempt),
+        exit_cost=args.exit_cost,
     )
-    try:
-        results = trio.run(launch, opts, args.json)
-    except RunFailed as exc:
-        print(f"vtick run: FAILED: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"vtick run: {exc}", file=sys.stderr)
-        return 1
-    summarize(results)
-    write_json(args.json, results)
-    print(format_summary(results))
-    print(f"\nresults: {args.json}")
-    return 0 if results["ok"] else 1
+    paths = opts.runs()
+    if not paths:
+        print("vtick run: nothing to run (--modes none --ipi none)", file=sys.stderr)
+        return 2
+    # a terminal gets its own width; a pipe or a log file gets room for the full tables
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=len(paths))
+
+        def on_progress(index: int, family: str, name: str) -> None:
+            progress.update(task, completed=index, description=f"{family} path {name}")
+
+        try:
+            campaign = trio.run(run_campaign, opts, on_progress)
+        except RunInterrupted as exc:
+            print(f"vtick run: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"vtick run: {exc}", file=sys.stderr)
+            return 1
+        progress.update(task, completed=len(paths))
+    write_json(args.json, campaign)
+    print_campaign(campaign, console)
+    if args.plots:
+        from vtick.host.plots import write_plots
+
+        for path in write_plots(campaign, args.plots):
+            console.print(f"plot: {path}")
+    console.print(f"results: {args.json}")
+    failed = [r for r in campaign["runs"] if "metrics" not in r or not r["metrics"]["ok"]]
+    return 1 if failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from vtick.host.report import print_compare
+
+    docs = []
+    for path in (args.a, args.b):
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"vtick compare: {path}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(doc, dict) or doc.get("vtick") != 2 or "runs" not in doc:
+            print(f"vtick compare: {path} is not a vtick run results file", file=sys.stderr)
+            return 2
+        docs.append(doc)
+    print_compare(docs[0], docs[1], (args.a, args.b))
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -321,5 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host": _cmd_host,
         "guest": _cmd_guest,
         "bench": _cmd_bench,
+        "compare": _cmd_compare,
     }[args.command]
     return handler(args)

@@ -30,7 +30,7 @@ from vtick.host.results import write_json
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
-__all__ = ["RunOptions", "RunFailed", "launch", "describe_status"]
+__all__ = ["RunOptions", "RunFailed", "RunInterrupted", "launch", "describe_status"]
 
 READY_TIMEOUT_S = 15.0
 TERM_GRACE_S = 2.0
@@ -38,6 +38,10 @@ TERM_GRACE_S = 2.0
 
 class RunFailed(Exception):
     """The run could not complete; the message says which process and why."""
+
+
+class RunInterrupted(RunFailed):
+    """SIGINT or SIGTERM stopped the run: the caller should stop too."""
 
 
 @dataclass
@@ -54,6 +58,8 @@ class RunOptions:
     ipi: str | None = None
     #: preemption point -> injected delay in ns, for every vCPU
     preempt: dict[str, int] = field(default_factory=dict)
+    exit_cost: str | None = None
+    trace: bool = False
 
 
 def describe_status(returncode: int) -> str:
@@ -139,6 +145,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                     str(opts.hz),
                     *(["--apic", opts.apic] if opts.apic else []),
                     *(["--ipi", opts.ipi] if opts.ipi else []),
+                    *(["--exit-cost", opts.exit_cost] if opts.exit_cost else []),
                     "--results",
                     host_results,
                     *param_args,
@@ -180,6 +187,8 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
         await children.stop_all()
         results = _collect_and_remove(run_dir, host_results)
     if failure:
+        if failure[0].startswith("interrupted by"):
+            raise RunInterrupted(failure[0])
         raise RunFailed(failure[0])
     if results is None:
         raise RunFailed(f"host wrote no results ({describe_status(host.returncode or 0)})")

@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import secrets
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -35,6 +36,7 @@ from vtick.host.devices.pit import Pit
 from vtick.host.devices.pvapic import PvApic
 from vtick.host.devices.pvtimer import PvTimer
 from vtick.host.devices.vmi_alarm import VmiAlarm
+from vtick.host.exitcost import load_profile
 from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.host.results import write_json
 from vtick.proto import messages as m
@@ -61,6 +63,8 @@ ACK_DELAY_NS = 20_000_000
 REFUSE_GRACE_S = 0.05
 REFUSE_SEND_TIMEOUT_S = 1.0
 NEVER = 1 << 63
+#: modeled exit costs up to this are busy-waited (a sleep would overshoot them)
+SPIN_MAX_NS = 200_000
 
 
 @dataclass
@@ -83,6 +87,8 @@ class HostConfig:
     connect_timeout_s: float = 30.0
     #: adaptive LAPIC timer advance for TSC-deadline (KVM's lapic_timer_advance), off
     timer_advance: bool = False
+    #: exit-cost profile (a shipped name or a TOML path); None = add nothing
+    exit_cost: str | None = None
     #: print a READY line on stdout once every link is listening (for the launcher)
     announce: bool = True
 
@@ -347,7 +353,10 @@ class VcpuLink:
                 self.record_error(f"host bug handling {exit_reason(msg)}: {exc!r}")
                 result = ExitResult(fault=Fault.GP)
             host_ns = time.perf_counter_ns() - t0
-            self.exits.record(msg, host_ns)
+            modeled = self.host.exit_cost.cost_ns(msg) if self.host.exit_cost else 0
+            self.exits.record(msg, host_ns, modeled)
+            if modeled:
+                await _model_host_cost(modeled)
             # New kvmclock parameters go out before the reply: the guest must see a
             # valid clock when its WRMSR returns, as KVM updates the page before entry.
             self.host.send_publications()
@@ -384,6 +393,7 @@ class Host:
         now = monotonic_ns()
         self.tsc = TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
         self.machine = Machine(cfg.vcpus, self.tsc, now, timer_advance=cfg.timer_advance)
+        self.exit_cost = load_profile(cfg.exit_cost) if cfg.exit_cost else None
         # Devices register themselves in the machine's dispatch tables.  The host reads
         # the real-time clock here, once; device models never read a clock.
         self.kvmclock = KvmClock(
@@ -600,6 +610,11 @@ class Host:
                     "counters": r.counters or {},
                     "ipi_hdr": r.ipi_hdr.decode("ascii") if r.ipi_hdr else None,
                     "call_hdr": r.call_hdr.decode("ascii") if r.call_hdr else None,
+                    "timeline": [
+                        list(pair) for pair in struct.iter_unpack("<qq", r.timeline or b"")
+                    ]
+                    if r.timeline and len(r.timeline) % 16 == 0
+                    else [],
                 }
             else:
                 entry["guest"] = None
@@ -618,6 +633,7 @@ class Host:
                 "params": self.cfg.params,
                 "tsc_khz": self.cfg.tsc_khz,
                 "timer_advance": self.cfg.timer_advance,
+                "exit_cost": self.cfg.exit_cost,
                 "mode": self.cfg.mode,
                 "apic": self.cfg.apic,
                 "hz": self.cfg.hz,
@@ -625,8 +641,18 @@ class Host:
             },
             "wall_ns": ended_ns - (self.started_at or ended_ns),
             "vcpus": vcpus,
+            "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
             "ok": all(not e["link_errors"] and e["guest"] is not None for e in vcpus),
         }
+
+
+async def _model_host_cost(ns: int) -> None:
+    """An exit-cost profile's extra handling time: the reply waits for it.  Short costs
+    are spun (a host CPU busy emulating), long ones slept."""
+    if ns <= SPIN_MAX_NS:
+        _spin_until(time.monotonic_ns() + ns)
+    else:
+        await trio.sleep(ns / 1e9)
 
 
 def _spin_until(host_ns: int) -> None:

@@ -247,6 +247,7 @@ class Report(Message):
     counters: dict[str, int] | None = None
     ipi_hdr: bytes | None = None
     call_hdr: bytes | None = None
+    timeline: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

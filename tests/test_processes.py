@@ -134,19 +134,62 @@ async def test_run_over_tcp(tmp_path) -> None:
     _check_run(results, 2)
 
 
-def test_cli_run_prints_summary_and_json(tmp_path) -> None:
+def test_cli_run_campaign_prints_tables_and_writes_json_and_plots(tmp_path) -> None:
+    """The main job end to end: two timer modes and one IPI path, all three files."""
     out = tmp_path / "res.json"
+    plots = tmp_path / "plots"
     proc = subprocess.run(
-        [*VTICK, "run", "--vcpus", "2", "--duration", "0.8", "--json", str(out)],
+        [
+            *VTICK, "run", "--vcpus", "2", "--duration", "0.6",
+            "--modes", "pv-ktime,lapic-x2apic", "--ipi", "pv",
+            "--json", str(out), "--plots", str(plots),
+        ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Timer paths" in proc.stdout
+    assert "IPI paths" in proc.stdout
+    assert "★" in proc.stdout  # the fastest path is marked
+    data = json.loads(out.read_text())
+    assert data["vtick"] == 2
+    assert data["environment"]["cpu_count"] == os.cpu_count()
+    names = [(r["family"], r["name"]) for r in data["runs"]]
+    assert names == [("timer", "pv-ktime"), ("timer", "lapic-x2apic"), ("ipi", "pv")]
+    for run in data["runs"]:
+        met = run["metrics"]
+        assert met["ok"]
+        assert met["events"] > 0
+        assert met["host_ns_per_event"] > 0
+    timer = data["runs"][0]["metrics"]
+    assert {"p50", "p90", "p99", "p99.9", "max"} <= set(timer["lateness_ns"])
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert "lateness_cdf.png" in pngs
+    for p in plots.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_compare(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    run = subprocess.run(
+        [*VTICK, "run", "--vcpus", "2", "--duration", "0.5", "--modes", "pv-ktime",
+         "--ipi", "none", "--json", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    proc = subprocess.run(
+        [*VTICK, "compare", str(out), str(out)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    assert "late p99" in proc.stdout
-    assert "exits by kind:" in proc.stdout
-    data = json.loads(out.read_text())
-    assert {"p50", "p99", "max"} <= set(data["summary"][0]["lateness_ns"])
+    assert "timer/pv-ktime" in proc.stdout
+    assert "+0.0%" in proc.stdout
+    bad = subprocess.run(
+        [*VTICK, "compare", str(out), str(tmp_path / "missing.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "missing.json" in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -158,6 +201,8 @@ def test_cli_run_prints_summary_and_json(tmp_path) -> None:
         (["run", "--listen", "tcp://127.0.0.1"], "explicit port"),
         (["run", "--listen", "udp://x:1"], "unsupported transport"),
         (["run", "--param", "timers"], "NAME=INTEGER"),
+        (["run", "--modes", "lapic-bogus"], "choose from"),
+        (["run", "--exit-cost", "nosuch"], "unknown exit-cost profile"),
     ],
 )
 def test_bad_command_line_values(args, needle) -> None:
@@ -168,11 +213,12 @@ def test_bad_command_line_values(args, needle) -> None:
 
 def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp) -> None:
     launcher = subprocess.Popen(
-        [*VTICK, "run", "--vcpus", "2", "--duration", "20", "--json", str(tmp_path / "r.json")],
+        [*VTICK, "run", "--vcpus", "2", "--duration", "20", "--modes", "pv-ktime",
+         "--ipi", "none", "--json", str(tmp_path / "r.json")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
     try:
         victim = None
         family: set[int] = set()
@@ -187,12 +233,15 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp)
         time.sleep(1.0)  # let it run a little
         family.update(_children_of(launcher.pid))
         os.kill(victim, signal.SIGKILL)
-        _, err = launcher.communicate(timeout=30)
+        out, err = launcher.communicate(timeout=30)
     finally:
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 1
-    assert f"vCPU 1 (pid {victim}) killed by signal SIGKILL" in err
+    # the campaign records the failed path with the reason, in the table and the JSON
+    assert f"vCPU 1 (pid {victim}) killed by signal SIGKILL" in out
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert run["error"] == f"vCPU 1 (pid {victim}) killed by signal SIGKILL"
     time.sleep(0.2)
     assert [p for p in family if _alive(p)] == [], "orphaned processes"
     assert _leftovers(private_tmp) == []
@@ -200,7 +249,20 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp)
 
 def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
     launcher = subprocess.Popen(
-        [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
+        [
+            *VTICK,
+            "run",
+            "--vcpus",
+            "2",
+            "--duration",
+            "30",
+            "--modes",
+            "pv-ktime",
+            "--ipi",
+            "none",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -483,7 +545,20 @@ def test_host_sigterm_removes_its_sockets() -> None:
 def test_children_stop_when_the_launcher_is_killed(tmp_path, private_tmp) -> None:
     """``kill -9`` of ``vtick run`` must not leave its host and vCPUs running."""
     launcher = subprocess.Popen(
-        [*VTICK, "run", "--vcpus", "2", "--duration", "30", "--json", str(tmp_path / "r.json")],
+        [
+            *VTICK,
+            "run",
+            "--vcpus",
+            "2",
+            "--duration",
+            "30",
+            "--modes",
+            "pv-ktime",
+            "--ipi",
+            "none",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
