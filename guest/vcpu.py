@@ -27,6 +27,7 @@ from hdrh.histogram import HdrHistogram
 from vtick.guest.clocksource import Kvmclock, PvclockPage
 from vtick.guest.cpu import KernelOp, MemoryWrite, PreemptionPoint, SpinWait, Udelay, hlt
 from vtick.guest.kernel import GuestKernel
+from vtick.guest.recorder import Recorder
 from vtick.guest.workload import (
     IpiStormWorkload,
     MixedWorkload,
@@ -46,6 +47,8 @@ from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
 __all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGHEST_NS"]
 
 T = TypeVar("T")
+#: exit kind -> its index in trace records (vtick.proto.messages.EXIT_CLASSES order)
+EXIT_INDEX = {cls: i for i, cls in enumerate(m.EXIT_CLASSES)}
 DEFAULT_MODE = "pv-ktime"
 HELLO_RETRY_S = 0.2
 #: a spinning vCPU re-checks its interrupts and the clock at least this often
@@ -131,7 +134,9 @@ class GuestVcpu:
         self.welcomed = trio.Event()
         self.tsc: TscModel | None = None
         self.pvclock: PvclockInfo | None = None
-        self.pending: deque[tuple[int, bool]] = deque()
+        #: injected, not yet taken: (vector, PV EOI flag, trace record index)
+        self.pending: deque[tuple[int, bool, int]] = deque()
+        self.recorder: Recorder | None = None
         self.shutdown_requested = False
         self.host_goodbye = trio.Event()
         self._reply: m.ExitReply | None = None
@@ -217,7 +222,10 @@ class GuestVcpu:
             self._reply = msg
             self._reply_event.set()
         elif isinstance(msg, m.Inject):
-            self.pending.append((msg.vector, bool(msg.pv_eoi)))
+            rec = -1
+            if self.recorder is not None and self.pvclock is not None:
+                rec = self.recorder.irq_arrived(self.ktime(), msg.vector, msg.host_time)
+            self.pending.append((msg.vector, bool(msg.pv_eoi), rec))
             self._wake()
         elif isinstance(msg, m.Welcome):
             self._on_welcome(msg)
@@ -342,15 +350,19 @@ class GuestVcpu:
         """Take one exit and wait for the host's answer."""
         assert self._outstanding is None, "one exit at a time"
         kind = m.EXIT_KIND_NAMES[type(msg)]
+        sent = self.ktime() if self.recorder is not None else 0
         t0 = time.perf_counter_ns()
         self._reply_event = trio.Event()
         self._send(msg, monotonic_ns())
         self._outstanding = self.link.send_next - 1
         self.flush()
         await self._reply_event.wait()
+        rtt = time.perf_counter_ns() - t0
         self.stats.exits[kind] += 1
-        self.stats.exit_rtt_ns[kind] += time.perf_counter_ns() - t0
+        self.stats.exit_rtt_ns[kind] += rtt
         assert self._reply is not None
+        if self.recorder is not None:
+            self.recorder.exit(sent, rtt, self._reply.host_ns, EXIT_INDEX[type(msg)])
         return self._reply
 
     # ------------------------------------------------------------------ workload
@@ -401,9 +413,11 @@ class GuestVcpu:
         class is vector >> 4; the host's LAPIC already orders injection by PPR, this
         orders what arrived together)."""
         best = max(range(len(self.pending)), key=lambda i: self.pending[i][0])
-        item = self.pending[best]
+        vector, pv_eoi, rec = self.pending[best]
         del self.pending[best]
-        return item
+        if self.recorder is not None:
+            self.recorder.irq_handled(rec, self.ktime())
+        return vector, pv_eoi
 
     async def _spin_wait(self, deadline: int) -> None:
         """Spin with interrupts enabled until a relayed store arrives or ``deadline``
@@ -448,6 +462,8 @@ class GuestVcpu:
         self._early_csds.clear()
         await self.run_op(kernel.boot())
         self.boot_exits = dict(self.stats.exits)  # boot and calibration, not per event
+        if welcome.trace:
+            self.recorder = Recorder()  # the window starts after boot
         params = welcome.params
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
         workload: Workload
@@ -522,6 +538,9 @@ class GuestVcpu:
             ),
             monotonic_ns(),
         )
+        if self.recorder is not None:
+            exits, irqs = self.recorder.pack()
+            self._send(m.Trace(exits=exits, irqs=irqs), monotonic_ns())
         self._send(m.Goodbye(), monotonic_ns())
         self.flush()
         with trio.move_on_after(self.cfg.goodbye_timeout_s):

@@ -208,6 +208,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", default="vtick-results.json", help="results file to write")
     run.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    run.add_argument(
+        "--trace",
+        default=None,
+        metavar="PATH",
+        help="write a Chrome/Perfetto trace-event JSON file of every path's first events",
+    )
     run.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
     run.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
     run.add_argument(
@@ -253,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
         help="add a modeled handling cost per exit: a shipped profile "
         "(kvm-2011-xapic, x2apic, apicv) or a TOML file",
     )
+    host.add_argument("--trace", action="store_true", help="ask every vCPU for a trace window")
     host.add_argument(
         "--timer-advance",
         action="store_true",
@@ -287,6 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bw.add_argument("--timers", type=_positive_int, default=1_000_000)
     bw.add_argument("--seed", type=_nonneg_int, default=1)
+    br = bsub.add_parser("recording", help="a run with trace recording on vs off")
+    br.add_argument("--mode", choices=list(MODES), default="pv-ktime")
+    br.add_argument("--rounds", type=_positive_int, default=3)
+    br.add_argument("--duration", type=_duration, default=2.0)
     return parser
 
 
@@ -331,6 +342,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         report_timeout_s=args.report_timeout,
         timer_advance=args.timer_advance,
         exit_cost=args.exit_cost,
+        trace=args.trace,
     )
     try:
         results = trio.run(serve, cfg)
@@ -379,6 +391,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         params=dict(args.param),
         preempt=dict(args.preempt),
         exit_cost=args.exit_cost,
+        trace=args.trace is not None,
     )
     paths = opts.runs()
     if not paths:
@@ -410,6 +423,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress.update(task, completed=len(paths))
     write_json(args.json, campaign)
     print_campaign(campaign, console)
+    if args.trace:
+        from vtick.host.trace import write_trace
+
+        events = write_trace(campaign, args.trace)
+        console.print(f"trace: {args.trace} ({events} events; open it in the Perfetto UI)")
     if args.plots:
         from vtick.host.plots import write_plots
 
@@ -442,6 +460,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "recording":
+        from vtick.host.bench_recording import run_recording_bench
+
+        return run_recording_bench(args.mode, args.rounds, args.duration)
     if args.bench == "wheel":
         from vtick.host.bench_wheel import run_wheel_bench
 

@@ -146,6 +146,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                     *(["--apic", opts.apic] if opts.apic else []),
                     *(["--ipi", opts.ipi] if opts.ipi else []),
                     *(["--exit-cost", opts.exit_cost] if opts.exit_cost else []),
+                    *(["--trace"] if opts.trace else []),
                     "--results",
                     host_results,
                     *param_args,

@@ -89,6 +89,8 @@ class HostConfig:
     timer_advance: bool = False
     #: exit-cost profile (a shipped name or a TOML path); None = add nothing
     exit_cost: str | None = None
+    #: ask every vCPU for a trace window (exits and interrupts after boot)
+    trace: bool = False
     #: print a READY line on stdout once every link is listening (for the launcher)
     announce: bool = True
 
@@ -114,6 +116,7 @@ class VcpuLink:
         self.features = Feature(0)
         self.version = PROTOCOL_VERSION
         self.report: m.Report | None = None
+        self.trace: m.Trace | None = None
         self.goodbye = trio.Event()
         self.reported = trio.Event()
         self.exits = ExitAccounting()
@@ -338,6 +341,7 @@ class VcpuLink:
             apic=cfg.apic,
             hz=cfg.hz,
             ipi=cfg.ipi,
+            trace=True if cfg.trace else None,
         )
 
     async def _dispatch(self, msg: m.Message, data: bytes, pipe: pynng.Pipe, now: int) -> None:
@@ -371,6 +375,8 @@ class VcpuLink:
         elif isinstance(msg, m.Report):
             self.report = msg
             self.reported.set()
+        elif isinstance(msg, m.Trace):
+            self.trace = msg
         elif isinstance(msg, m.Goodbye):
             if self.state is not LinkState.DONE:
                 self.send(m.Goodbye(), now)
@@ -564,6 +570,23 @@ class Host:
                 # event per link for this one-off wait of at most 0.5 s
                 await trio.sleep(0.01)
 
+    def _trace(self, trace: m.Trace) -> dict[str, Any]:
+        """A vCPU's trace window, decoded; injection times moved to guest ktime."""
+        names = [m.EXIT_KIND_NAMES[cls] for cls in m.EXIT_CLASSES]
+        exits = [
+            [t, rtt, host, names[k] if 0 <= k < len(names) else "?"]
+            for t, rtt, host, k in struct.iter_unpack(
+                "<qqqq", trace.exits[: len(trace.exits) // 32 * 32]
+            )
+        ]
+        irqs = [
+            [arrived, handled, vector, host_time - self.tsc.ktime_epoch]
+            for arrived, handled, vector, host_time in struct.iter_unpack(
+                "<qqqq", trace.irqs[: len(trace.irqs) // 32 * 32]
+            )
+        ]
+        return {"exits": exits, "irqs": irqs}
+
     def _device_stats(self, vcpu: int) -> dict[str, Any]:
         """What each device model counted for this vCPU (coalesced interrupts, EOIs, ...)."""
         state = self.machine.vcpus[vcpu]
@@ -586,6 +609,7 @@ class Host:
                 "host_exit_reasons": vl.exits.reasons(),
                 "injected": self.machine.vcpus[vl.vcpu].injected,
                 "devices": self._device_stats(vl.vcpu),
+                "trace": self._trace(vl.trace) if vl.trace is not None else None,
                 "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
                 "refused": dict(vl.refused),
                 "bad_messages": vl.bad_messages,

@@ -36,6 +36,7 @@ __all__ = [
     "Csd",
     "CsdDone",
     "Report",
+    "Trace",
     "Goodbye",
     "MESSAGE_CLASSES",
 ]
@@ -84,6 +85,7 @@ class Welcome(Message):
     apic: str | None = None
     hz: int | None = None
     ipi: str | None = None
+    trace: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,13 @@ class Report(Message):
     ipi_hdr: bytes | None = None
     call_hdr: bytes | None = None
     timeline: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Trace(Message):
+    RULE: ClassVar[str] = "trace"
+    exits: bytes
+    irqs: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,7 @@ def test_cli_run_campaign_prints_tables_and_writes_json_and_plots(tmp_path) -> N
         [
             *VTICK, "run", "--vcpus", "2", "--duration", "0.6",
             "--modes", "pv-ktime,lapic-x2apic", "--ipi", "pv",
-            "--json", str(out), "--plots", str(plots),
+            "--json", str(out), "--plots", str(plots), "--trace", str(tmp_path / "t.json"),
         ],
         capture_output=True,
         text=True,
@@ -164,6 +164,29 @@ def test_cli_run_campaign_prints_tables_and_writes_json_and_plots(tmp_path) -> N
         assert met["host_ns_per_event"] > 0
     timer = data["runs"][0]["metrics"]
     assert {"p50", "p90", "p99", "p99.9", "max"} <= set(timer["lateness_ns"])
+    # the results document: every run carries the same metric keys, with their types
+    expected = {
+        "mode": (str, type(None)), "ipi": (str, type(None)), "workload": str, "ok": bool,
+        "vcpus": int, "events": int, "events_per_s": float, "exits_per_event": float,
+        "exits_per_event_by_kind": dict, "guest_ns_per_event": float,
+        "host_ns_per_event": float, "early": int, "coalesced": int,
+        "lateness_ns": (dict, type(None)), "ipi_latency_ns": (dict, type(None)),
+        "call_latency_ns": (dict, type(None)), "calibration": list, "boot_exits": int,
+        "csds": dict, "link_errors": list,
+    }  # fmt: skip
+    for run in data["runs"]:
+        for key, types in expected.items():
+            assert isinstance(run["metrics"][key], types), (run["name"], key)
+    assert set(data["config"]) >= {"modes", "ipis", "vcpus", "duration_s", "seed"}
+    assert set(data["environment"]) >= {"python", "platform", "cpu_count", "versions"}
+    ipi_run = data["runs"][2]["metrics"]
+    assert ipi_run["call_latency_ns"]["p50"] > 0
+    assert ipi_run["csds"]["sent"] == ipi_run["csds"]["run"] + ipi_run["csds"]["errors"]
+    trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert {e["ph"] for e in trace} == {"M", "X"}
+    outs = sorted(e["bind_id"] for e in trace if e.get("flow_out"))
+    assert outs == sorted(e["bind_id"] for e in trace if e.get("flow_in"))
+    assert outs, "injections must flow to their interrupts"
     pngs = sorted(p.name for p in plots.iterdir())
     assert "lateness_cdf.png" in pngs
     for p in plots.iterdir():
