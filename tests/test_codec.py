@@ -75,6 +75,7 @@ STRATEGIES = {
         apic=st.none() | NAME,
         hz=st.none() | U32,
         ipi=st.none() | NAME,
+        trace=st.none() | st.booleans(),
     ),
     m.Refuse: st.builds(m.Refuse, code=U16, reason=TEXT),
     m.Ack: st.builds(m.Ack, resend=st.none() | st.booleans()),
@@ -113,7 +114,9 @@ STRATEGIES = {
         counters=st.none() | st.dictionaries(NAME, I64, max_size=6),
         ipi_hdr=st.none() | st.binary(max_size=64),
         call_hdr=st.none() | st.binary(max_size=64),
+        timeline=st.none() | st.binary(max_size=64),
     ),
+    m.Trace: st.builds(m.Trace, exits=st.binary(max_size=96), irqs=st.binary(max_size=96)),
     m.Csd: st.builds(
         m.Csd, src=U32, dst=U32, id=U64, func=NAME, info=I64, wait=st.booleans(), sent=U64
     ),

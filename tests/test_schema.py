@@ -40,6 +40,7 @@ KINDS = {
     "csd": 40,
     "csd-done": 41,
     "report": 48,
+    "trace": 50,
     "goodbye": 49,
 }
 
@@ -199,10 +200,10 @@ def test_bind_accepts_the_shipped_schema():
         ("refuse = { k: 3,", "refuse = { k: 4,", "kind 4"),  # duplicate kind number
         (ACK, ACK.replace("a: seq", "? a: seq"), "envelope"),
         (ACK, ACK.replace("k: 4", "k: 4..5"), "literal"),
-        ("report / goodbye", "report", "goodbye"),  # rule dropped from the root choice
+        ("trace / goodbye", "trace", "goodbye"),  # rule dropped from the root choice
         (
-            "report / goodbye",
-            "report / goodbye / extra\nextra = { k: 60, s: seq, a: seq }",
+            "trace / goodbye",
+            "trace / goodbye / extra\nextra = { k: 60, s: seq, a: seq }",
             "extra",
         ),  # rule without a class
     ],
