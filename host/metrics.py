@@ -73,6 +73,11 @@ def _vcpu(v: dict[str, Any], workload: str, duration_s: float) -> dict[str, Any]
     events = counters.get("smp_calls", 0) if workload == "ipi" else g["events"]
     guest_rtt = {k: g["exit_rtt_ns_total"][k] / n for k, n in g["exits"].items() if n}
     host_ns = {k: a["host_ns_total"] / a["count"] for k, a in v["host_exits"].items() if a["count"]}
+    modeled_ns = {
+        k: a.get("modeled_ns_total", 0) / a["count"]
+        for k, a in v["host_exits"].items()
+        if a["count"]
+    }
     lapic = (v.get("devices") or {}).get("lapic") or {}
     return {
         "vcpu": v["vcpu"],
@@ -80,6 +85,7 @@ def _vcpu(v: dict[str, Any], workload: str, duration_s: float) -> dict[str, Any]
         "steady_exits": steady,
         "guest_rtt_ns": guest_rtt,
         "host_ns": host_ns,
+        "modeled_ns": modeled_ns,
         "early": g["early"],
         "coalesced": lapic.get("coalesced", 0),
         "calibration_period": counters.get("calibration_period"),
@@ -99,12 +105,13 @@ def run_metrics(results: dict[str, Any]) -> dict[str, Any]:
     vcpus = [m for v in results["vcpus"] if (m := _vcpu(v, workload, duration_s))]
     events = sum(m["events"] for m in vcpus)
     exits: dict[str, int] = {}
-    guest_ns = host_ns = 0.0
+    guest_ns = host_ns = modeled_ns = 0.0
     for m in vcpus:
         for kind, n in m["steady_exits"].items():
             exits[kind] = exits.get(kind, 0) + n
             guest_ns += n * m["guest_rtt_ns"].get(kind, 0.0)
             host_ns += n * m["host_ns"].get(kind, 0.0)
+            modeled_ns += n * m["modeled_ns"].get(kind, 0.0)
     per_event = {k: n / events for k, n in sorted(exits.items())} if events else {}
     lateness = merge_hdr([(v.get("guest") or {}).get("lateness_hdr") for v in results["vcpus"]])
     ipi = merge_hdr([(v.get("guest") or {}).get("ipi_hdr") for v in results["vcpus"]])
@@ -146,9 +153,9 @@ def run_metrics(results: dict[str, Any]) -> dict[str, Any]:
         },
         "link_errors": [e for v in results["vcpus"] for e in v["link_errors"]],
     }
-    modeled = results.get("exit_cost")
-    if modeled and events:
-        out["modeled_host_ns_per_event"] = (
-            sum(n * modeled["costs_ns"].get(kind, 0) for kind, n in exits.items()) / events
-        )
+    if results.get("exit_cost") and events:
+        # the profile's cost of each exit as the host applied it (by kind and by reason),
+        # averaged per kind, times the steady-state exits per event
+        out["modeled_host_ns_per_event"] = modeled_ns / events
+        out["exit_cost_profile"] = results["exit_cost"]["profile"]
     return out

@@ -105,11 +105,13 @@ def comparison_tables(campaign: dict[str, Any]) -> list[Table]:
             caption="event = one smp_call_function(wait) call, counting the sender's and "
             "the targets' exits; IPI latency = csd queued -> function ran on the target",
         )
+        modeled = any("modeled_host_ns_per_event" in r.get("metrics", {}) for r in ipi)
         for col in (
             "IPI path",
             "exits/call",
             "by kind",
             "host us/call",
+            *(("modeled us/call",) if modeled else ()),
             "call p50 us",
             "call p99",
             "IPI p50 us",
@@ -130,6 +132,7 @@ def comparison_tables(campaign: dict[str, Any]) -> list[Table]:
                 f"{met['exits_per_event']:.2f}",
                 _kinds(met["exits_per_event_by_kind"]),
                 _us(met["host_ns_per_event"]),
+                *((_us(met.get("modeled_host_ns_per_event")),) if modeled else ()),
                 _us(call.get("p50")),
                 _us(call.get("p99")),
                 _us(lat.get("p50")),

@@ -155,3 +155,18 @@ def test_trace_events_follow_the_trace_event_format(tmp_path):
 
 def test_trace_without_windows_is_empty():
     assert trace_events(campaign({"family": "timer", "name": "x", "error": "e"})) == []
+
+
+def test_modeled_cost_per_event_uses_what_the_host_applied():
+    """A profile can make one exit reason free (apicv's EOI): the modeled cost per event
+    follows what the host recorded per exit, not the profile's per-kind default."""
+    res = results()
+    res["exit_cost"] = {"profile": "apicv", "costs_ns": {"mmio-write": 11_000}}
+    for v in res["vcpus"]:
+        # 205 mmio-writes: 100 TMICT at 11 us, 100 EOIs free, 5 boot writes at 11 us
+        v["host_exits"]["mmio-write"]["modeled_ns_total"] = 105 * 11_000
+        v["host_exits"]["hlt"]["modeled_ns_total"] = 0
+    met = run_metrics(res)
+    assert met["exit_cost_profile"] == "apicv"
+    # 2 mmio-writes per event at the mean applied cost 105 * 11 us / 205
+    assert met["modeled_host_ns_per_event"] == pytest.approx(2 * 105 * 11_000 / 205)
