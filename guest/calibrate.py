@@ -50,6 +50,8 @@ class Calibration:
     loops: int
     polls: int  # port 0x61 reads spent waiting
     hz: int
+    #: the PIT interval disagreed with the TSC by more than 1 % and was rescaled
+    rescaled: bool = False
 
     def bus_hz(self) -> int:
         return self.lapic_timer_period * self.hz
@@ -113,8 +115,20 @@ def calibrate_lapic_timer_tsc(
     return Calibration(period, max(1, hz // 10), 0, hz)
 
 
-def calibrate_lapic_timer(ops: ApicOps, hz: int) -> KernelOp[Calibration]:
-    """``calibrate_APIC_clock`` with the PIT as the reference (the boot CPU's way)."""
+def calibrate_lapic_timer(
+    ops: ApicOps,
+    hz: int,
+    rdtsc: Callable[[], int] | None = None,
+    tsc_khz: int = 0,
+) -> KernelOp[Calibration]:
+    """``calibrate_APIC_clock`` with the PIT as the reference (the boot CPU's way).
+
+    With ``rdtsc``/``tsc_khz`` the interval is verified against the TSC the way Linux
+    verifies it against the ACPI PM timer: if the two disagree by more than 1 % the
+    LAPIC count is rescaled to the TSC's interval.  Polling port 0x61 misses an edge of
+    the square wave whenever the vCPU is descheduled for more than half a period between
+    two polls, which makes the PIT interval one whole period (10 %) too long.
+    """
     lvtt = a.APIC_LVT_MASKED | a.APIC_LVT_TIMER_PERIODIC | Vector.LOCAL_TIMER
     yield from ops.write(a.APIC_LVTT, lvtt)
     yield from ops.write(a.APIC_TDCR, TDCR_DIVIDE_BY_16)
@@ -122,9 +136,11 @@ def calibrate_lapic_timer(ops: ApicOps, hz: int) -> KernelOp[Calibration]:
     yield from pit_start_square_wave(REFERENCE_HZ)
     polls = yield from pit_wait_rising_edge()  # align to an edge first
     t1 = yield from ops.read(a.APIC_TMCCT)
+    tsc1 = rdtsc() if rdtsc is not None else 0
     for _ in range(REFERENCE_EDGES):
         polls += yield from pit_wait_rising_edge()
     t2 = yield from ops.read(a.APIC_TMCCT)
+    tsc2 = rdtsc() if rdtsc is not None else 0
     # stop the calibration timer
     yield from ops.write(a.APIC_TMICT, 0)
     yield from ops.write(a.APIC_LVTT, a.APIC_LVT_MASKED | Vector.LOCAL_TIMER)
@@ -132,5 +148,13 @@ def calibrate_lapic_timer(ops: ApicOps, hz: int) -> KernelOp[Calibration]:
     # delta * 16 bus clocks in REFERENCE_EDGES / REFERENCE_HZ s (100 ms = LAPIC_CAL_LOOPS
     # jiffies): clocks per jiffy = bus Hz / HZ
     loops = max(1, hz // 10)
+    rescaled = False
+    reference_ns = REFERENCE_EDGES * NSEC_PER_SEC // REFERENCE_HZ
+    if rdtsc is not None and tsc_khz and tsc2 > tsc1:
+        measured_ns = (tsc2 - tsc1) * 1_000_000 // tsc_khz
+        if abs(measured_ns - reference_ns) * 100 > reference_ns:
+            # like Linux's PM-timer check: trust the verifying clock's interval
+            delta = delta * reference_ns // measured_ns
+            rescaled = True
     period = delta * APIC_DIVISOR * REFERENCE_HZ // (REFERENCE_EDGES * hz)
-    return Calibration(period, loops, polls, hz)
+    return Calibration(period, loops, polls, hz, rescaled)

@@ -145,7 +145,9 @@ class GuestKernel:
         yield from self.ops.setup()
         if self.spec.calibrate:
             if self.cpu == 0:  # the boot CPU calibrates against the PIT
-                self.calibration = yield from calibrate_lapic_timer(self.ops, self.hz)
+                self.calibration = yield from calibrate_lapic_timer(
+                    self.ops, self.hz, self.rdtsc, self.tsc_khz
+                )
             else:  # application processors: against the TSC (see calibrate.py)
                 self.calibration = yield from calibrate_lapic_timer_tsc(
                     self.ops, self.hz, self.rdtsc, self.tsc_khz
@@ -249,6 +251,7 @@ class GuestKernel:
         if self.calibration is not None:
             out["calibration_period"] = self.calibration.lapic_timer_period
             out["calibration_polls"] = self.calibration.polls
+            out["calibration_rescaled"] = int(self.calibration.rescaled)
         st = self.smp.stats
         out |= {
             "smp_calls": st.calls,

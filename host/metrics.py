@@ -89,6 +89,7 @@ def _vcpu(v: dict[str, Any], workload: str, duration_s: float) -> dict[str, Any]
         "early": g["early"],
         "coalesced": lapic.get("coalesced", 0),
         "calibration_period": counters.get("calibration_period"),
+        "calibration_rescaled": bool(counters.get("calibration_rescaled", 0)),
         "calibration_exits": sum(n for k, n in counters.items() if k.startswith("boot_exits ")),
         "duration_ns": g["duration_ns"],
         "csds_sent": counters.get("csds_sent", 0),
@@ -123,6 +124,7 @@ def run_metrics(results: dict[str, Any]) -> dict[str, Any]:
             "vcpu": m["vcpu"],
             "period": m["calibration_period"],
             "error_pct": (m["calibration_period"] * hz - APIC_BUS_HZ) / APIC_BUS_HZ * 100,
+            "rescaled": m["calibration_rescaled"],
         }
         for m in vcpus
         if m["calibration_period"]

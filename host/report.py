@@ -156,9 +156,11 @@ def print_campaign(campaign: dict[str, Any], console: Console | None = None) -> 
     ]
     if calib:
         worst = max(calib, key=lambda nc: abs(nc[1]["error_pct"]))
+        rescaled = sum(1 for _, c in calib if c.get("rescaled"))
         console.print(
             f"LAPIC calibration against the PIT/TSC: worst error {worst[1]['error_pct']:+.3f}% "
             f"({worst[0]}, vCPU {worst[1]['vcpu']}) over {len(calib)} calibrations"
+            + (f"; {rescaled} PIT interval(s) rescaled by the TSC check" if rescaled else "")
         )
     errors = [
         (r["name"], e)

@@ -156,3 +156,48 @@ def test_offline_cpus_are_not_called():
     online(sender, 2)
     _, stores, _ = drive(sender.call_function("noop", 0, wait=False))
     assert [s.dst for s in stores] == [2]
+
+
+# ---------------------------------------------------------------------- calibration check
+
+
+def test_pit_calibration_missing_an_edge_is_rescaled_by_the_tsc():
+    """A vCPU descheduled for longer than half the PIT's period misses an edge: the PIT
+    interval is one period too long.  The TSC check (Linux checks against the PM timer)
+    catches the >1 % disagreement and rescales, so the result stays right."""
+    from vtick.guest.calibrate import REFERENCE_HZ, calibrate_lapic_timer
+    from vtick.proto.abi import PitPort
+
+    period_ns = 1_000_000_000 // REFERENCE_HZ  # the square wave's period
+    clock = {"ns": 0}
+    stalled = {"done": False}
+
+    def tmcct() -> int:  # LAPIC at 1 GHz / 16, counting down from 0xFFFFFFFF // 16
+        return (0xFFFF_FFFF // 16) - clock["ns"] // 16
+
+    def answer(item):
+        clock["ns"] += 200_000  # every exit costs 200 us
+        if isinstance(item, m.ExitPioIn) and item.port == PitPort.PORT_B:
+            if not stalled["done"] and clock["ns"] > 3 * period_ns:
+                clock["ns"] += period_ns  # descheduled for a whole period: an edge is lost
+                stalled["done"] = True
+            high = (clock["ns"] % period_ns) < period_ns // 2
+            return m.ExitReply(re=0, value=0x20 if high else 0, fault=0, host_ns=0)
+        if isinstance(item, m.ExitMmioRead):
+            return m.ExitReply(re=0, value=tmcct(), fault=0, host_ns=0)
+        return m.ExitReply(re=0, value=0, fault=0, host_ns=0)
+
+    def rdtsc() -> int:
+        return clock["ns"] * 2_500_000 // 1_000_000  # 2.5 GHz
+
+    from vtick.guest.cpu import run_to_completion
+
+    unchecked = run_to_completion(calibrate_lapic_timer(XApicOps(0, 1), 1000), answer)
+    clock["ns"], stalled["done"] = 0, False
+    checked = run_to_completion(
+        calibrate_lapic_timer(XApicOps(0, 1), 1000, rdtsc, 2_500_000), answer
+    )
+    assert not unchecked.rescaled
+    assert unchecked.lapic_timer_period > 1_050_000  # ~10 % too long
+    assert checked.rescaled
+    assert abs(checked.lapic_timer_period - 1_000_000) < 10_000
