@@ -38,7 +38,7 @@ from vtick.guest.workload import (
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
-from vtick.proto.errors import LinkError, ProtocolError
+from vtick.proto.errors import ErrorCode, LinkError, LocalProtocolError, ProtocolError
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import PvclockInfo, TscModel
@@ -520,24 +520,40 @@ class GuestVcpu:
         if self.clock is not None:
             counters["kvmclock_retries"] = self.clock.retries
         counters |= {f"boot_exits {k}": v for k, v in self.boot_exits.items()}
-        self._send(
-            m.Report(
-                events=timers.ran if timers else 0,
-                early=timers.early if timers else 0,
-                spurious=kernel.spurious if kernel else 0,
-                exits=dict(stats.exits),
-                exit_rtt_ns=dict(stats.exit_rtt_ns),
-                lateness_hdr=stats.lateness.encode(),
-                lateness_max=stats.lateness_max,
-                duration_ns=self.duration_ns,
-                mode=kernel.mode if kernel else None,
-                counters=counters,
-                ipi_hdr=_hdr(kernel.smp.stats.ipi_latency_ns) if kernel else None,
-                call_hdr=_hdr(kernel.smp.stats.call_latency_ns) if kernel else None,
-                timeline=stats.timeline.pack() or None,
-            ),
-            monotonic_ns(),
+        report = m.Report(
+            events=timers.ran if timers else 0,
+            early=timers.early if timers else 0,
+            spurious=kernel.spurious if kernel else 0,
+            exits=dict(stats.exits),
+            exit_rtt_ns=dict(stats.exit_rtt_ns),
+            lateness_hdr=stats.lateness.encode(),
+            lateness_max=stats.lateness_max,
+            duration_ns=self.duration_ns,
+            mode=kernel.mode if kernel else None,
+            counters=counters,
+            ipi_hdr=_hdr(kernel.smp.stats.ipi_latency_ns) if kernel else None,
+            call_hdr=_hdr(kernel.smp.stats.call_latency_ns) if kernel else None,
+            timeline=stats.timeline.pack() or None,
         )
+        # The report must fit one message: if it does not, shed the bulkiest optional
+        # parts (the timeline, then the IPI histograms) and say so in the counters.
+        sheds: tuple[tuple[str, ...], ...] = (
+            (),
+            ("timeline",),
+            ("timeline", "ipi_hdr", "call_hdr"),
+        )
+        for attempt, shed in enumerate(sheds):
+            candidate = dataclasses.replace(
+                report,
+                counters=counters | ({"report_shed": len(shed)} if shed else {}),
+                **dict.fromkeys(shed),
+            )
+            try:
+                self._send(candidate, monotonic_ns())
+                break
+            except LocalProtocolError as exc:
+                if exc.code != ErrorCode.OVERSIZE or attempt == len(sheds) - 1:
+                    raise GuestFatal(4, f"{self.name}: cannot send the report: {exc}") from None
         if self.recorder is not None:
             exits, irqs = self.recorder.pack()
             self._send(m.Trace(exits=exits, irqs=irqs), monotonic_ns())
