@@ -181,7 +181,8 @@ def test_cli_run_campaign_prints_tables_and_writes_json_and_plots(tmp_path) -> N
     assert set(data["environment"]) >= {"python", "platform", "cpu_count", "versions"}
     ipi_run = data["runs"][2]["metrics"]
     assert ipi_run["call_latency_ns"]["p50"] > 0
-    assert ipi_run["csds"]["sent"] == ipi_run["csds"]["run"] + ipi_run["csds"]["errors"]
+    csds = ipi_run["csds"]
+    assert csds["run"] <= csds["sent"] <= csds["run"] + csds["errors"]
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert {e["ph"] for e in trace} == {"M", "X"}
     outs = sorted(e["bind_id"] for e in trace if e.get("flow_out"))
@@ -696,7 +697,10 @@ async def test_every_ipi_path_delivers_each_call(tmp_path, ipi) -> None:
         errors += c["csd_errors"]
         assert c["smp_calls"] > 0
     assert run > 0
-    assert sent == run + errors, (sent, run, errors)
+    # each csd runs at most once, and every csd that did not run ended its sender's wait
+    # with an error (one that runs after its sender gave up counts on both sides)
+    assert run <= sent, (sent, run)
+    assert sent - run <= errors, (sent, run, errors)
 
 
 def test_smp_call_function_with_a_dead_target_ends_in_errors_not_a_hang() -> None:
