@@ -38,6 +38,8 @@ class Expiry:
     timer: Hashable
     expires: int
     ran_at: int
+    #: when the device was last programmed before this callback ran (0: never)
+    programmed_at: int = 0
 
     @property
     def lateness(self) -> int:
@@ -127,6 +129,7 @@ class HighResTimers:
         self.queue = HrtimerQueue()
         self.on_expiry = on_expiry
         self.early = 0  # device interrupts with nothing due
+        self.programmed_at = 0  # when the device was last programmed
         self.interrupts = 0
         self.retries = 0  # -ETIME answers that made hrtimer_interrupt loop
         self.ran = 0
@@ -147,7 +150,7 @@ class HighResTimers:
             timer, expires, callback = item
             ran += 1
             if self.on_expiry is not None:
-                self.on_expiry(Expiry(timer, expires, now))
+                self.on_expiry(Expiry(timer, expires, now, self.programmed_at))
             again = callback(now, expires)
             if again is not None:
                 self.queue.start(timer, again, callback)
@@ -167,6 +170,7 @@ class HighResTimers:
                 return
             if nxt == self.dev.next_event:
                 return
+            self.programmed_at = self.core.clock()
             rc = yield from self.core.program_event(self.dev, nxt, force=False)
             if rc == 0:
                 return

@@ -104,6 +104,10 @@ class Smp:
         self.failed: dict[tuple[int, int], str] = {}
         self.queue: deque[m.Csd] = deque()  # this CPU's call_single_queue
         self.online: set[int] = {cpu}
+        #: (queued, target, ran) of csds whose wait completed, for the trace recorder;
+        #: None = not recording
+        self.call_records: list[tuple[int, int, int, int]] | None = None
+        self._ran: dict[tuple[int, int], int] = {}
 
     def announce_online(self) -> KernelOp[None]:
         """``set_cpu_online``: store this CPU's bit where every other CPU reads it."""
@@ -155,8 +159,13 @@ class Smp:
             FUNCTIONS[func](self.cpu, info)
         if not wait:
             return []
+        sent_at = {key: self.outstanding.get(key, started) for key in keys}
         errors = yield from self._wait(keys)
-        self.stats.call_latency_ns.append(self.clock() - started)
+        returned = self.clock()
+        self.stats.call_latency_ns.append(returned - started)
+        if self.call_records is not None:
+            for key in keys:
+                self.call_records.append((sent_at[key], key[0], self._ran.pop(key, 0), returned))
         return errors
 
     def call_function(self, func: str, info: int, wait: bool) -> KernelOp[list[str]]:
@@ -215,6 +224,8 @@ class Smp:
         key = (msg.src, msg.id)
         if self.outstanding.pop(key, None) is None:
             return  # late: the wait already timed out
+        if self.call_records is not None:
+            self._ran[key] = msg.ran
         if msg.error:
             self.failed[key] = f"vCPU {msg.src}: {msg.error}"
 

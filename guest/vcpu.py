@@ -26,6 +26,7 @@ from hdrh.histogram import HdrHistogram
 
 from vtick.guest.clocksource import Kvmclock, PvclockPage
 from vtick.guest.cpu import KernelOp, MemoryWrite, PreemptionPoint, SpinWait, Udelay, hlt
+from vtick.guest.hrtimer import Expiry
 from vtick.guest.kernel import GuestKernel
 from vtick.guest.recorder import Recorder
 from vtick.guest.workload import (
@@ -151,6 +152,7 @@ class GuestVcpu:
         self.kernel: GuestKernel | None = None
         self.workload: Workload | None = None
         self._pv_eois_reported = 0
+        self._irq_at = 0  # arrival of the interrupt being handled (trace records)
         self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
@@ -408,6 +410,20 @@ class GuestVcpu:
         except StopIteration as done:
             return done.value
 
+    async def _take_interrupt(self) -> None:
+        """Deliver the next pending interrupt (an instruction boundary)."""
+        assert self.kernel is not None
+        vector, pv_eoi = self._next_interrupt()
+        try:
+            await self.run_op(self.kernel.handle_interrupt(vector, pv_eoi))
+        finally:
+            self._irq_at = 0
+
+    def _on_expiry(self, expiry: Expiry) -> None:
+        self.stats.record_lateness(expiry.lateness, expiry.ran_at)
+        if self.recorder is not None:
+            self.recorder.event(expiry.expires, expiry.programmed_at, self._irq_at, expiry.ran_at)
+
     def _next_interrupt(self) -> tuple[int, bool]:
         """The pending interrupt the CPU takes first: the highest vector (its priority
         class is vector >> 4; the host's LAPIC already orders injection by PPR, this
@@ -417,6 +433,7 @@ class GuestVcpu:
         del self.pending[best]
         if self.recorder is not None:
             self.recorder.irq_handled(rec, self.ktime())
+            self._irq_at = self.recorder.irqs[4 * rec] if rec >= 0 else 0
         return vector, pv_eoi
 
     async def _spin_wait(self, deadline: int) -> None:
@@ -427,8 +444,7 @@ class GuestVcpu:
         assert self.kernel is not None
         assert self.clock is not None
         while self.pending and not self.shutdown_requested:
-            vector, pv_eoi = self._next_interrupt()
-            await self.run_op(self.kernel.handle_interrupt(vector, pv_eoi))
+            await self._take_interrupt()
         if self._memory_event.is_set():
             self._memory_event = trio.Event()
             return
@@ -453,7 +469,7 @@ class GuestVcpu:
             welcome.tsc_khz,
             hz=welcome.hz or 1000,
             apic=welcome.apic,
-            on_expiry=lambda e: self.stats.record_lateness(e.lateness, e.ran_at),
+            on_expiry=self._on_expiry,
             ipi=welcome.ipi,
         )
         self.kernel = kernel
@@ -464,6 +480,7 @@ class GuestVcpu:
         self.boot_exits = dict(self.stats.exits)  # boot and calibration, not per event
         if welcome.trace:
             self.recorder = Recorder()  # the window starts after boot
+            kernel.smp.call_records = []
         params = welcome.params
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
         workload: Workload
@@ -494,8 +511,7 @@ class GuestVcpu:
             # (a vCPU whose timers are due faster than it can program them would stay in
             # this loop forever: the shutdown request is checked between interrupts too)
             while self.pending and not self.shutdown_requested:
-                vector, pv_eoi = self._next_interrupt()
-                await self.run_op(kernel.handle_interrupt(vector, pv_eoi))
+                await self._take_interrupt()
             if self.shutdown_requested:
                 break
             workload.between_interrupts(clock.read())
@@ -555,8 +571,12 @@ class GuestVcpu:
                 if exc.code != ErrorCode.OVERSIZE or attempt == len(sheds) - 1:
                     raise GuestFatal(4, f"{self.name}: cannot send the report: {exc}") from None
         if self.recorder is not None:
-            exits, irqs = self.recorder.pack()
-            self._send(m.Trace(exits=exits, irqs=irqs), monotonic_ns())
+            if kernel is not None and kernel.smp.call_records:
+                for record in kernel.smp.call_records:
+                    self.recorder.call(*record)
+            for name, data in self.recorder.pack().items():
+                if data:  # one kind of record per message: each fits the size limit
+                    self._send(m.Trace(**{name: data}), monotonic_ns())
         self._send(m.Goodbye(), monotonic_ns())
         self.flush()
         with trio.move_on_after(self.cfg.goodbye_timeout_s):

@@ -116,7 +116,7 @@ class VcpuLink:
         self.features = Feature(0)
         self.version = PROTOCOL_VERSION
         self.report: m.Report | None = None
-        self.trace: m.Trace | None = None
+        self.traces: list[m.Trace] = []
         self.goodbye = trio.Event()
         self.reported = trio.Event()
         self.exits = ExitAccounting()
@@ -376,7 +376,7 @@ class VcpuLink:
             self.report = msg
             self.reported.set()
         elif isinstance(msg, m.Trace):
-            self.trace = msg
+            self.traces.append(msg)
         elif isinstance(msg, m.Goodbye):
             if self.state is not LinkState.DONE:
                 self.send(m.Goodbye(), now)
@@ -570,22 +570,24 @@ class Host:
                 # event per link for this one-off wait of at most 0.5 s
                 await trio.sleep(0.01)
 
-    def _trace(self, trace: m.Trace) -> dict[str, Any]:
+    def _trace(self, traces: list[m.Trace]) -> dict[str, Any]:
         """A vCPU's trace window, decoded; injection times moved to guest ktime."""
         names = [m.EXIT_KIND_NAMES[cls] for cls in m.EXIT_CLASSES]
-        exits = [
-            [t, rtt, host, names[k] if 0 <= k < len(names) else "?"]
-            for t, rtt, host, k in struct.iter_unpack(
-                "<qqqq", trace.exits[: len(trace.exits) // 32 * 32]
-            )
-        ]
-        irqs = [
-            [arrived, handled, vector, host_time - self.tsc.ktime_epoch]
-            for arrived, handled, vector, host_time in struct.iter_unpack(
-                "<qqqq", trace.irqs[: len(trace.irqs) // 32 * 32]
-            )
-        ]
-        return {"exits": exits, "irqs": irqs}
+
+        def records(field: str) -> list[tuple[int, ...]]:
+            data = b"".join(getattr(t, field) or b"" for t in traces)
+            return list(struct.iter_unpack("<qqqq", data[: len(data) // 32 * 32]))
+
+        epoch = self.tsc.ktime_epoch
+        return {
+            "exits": [
+                [t, rtt, host, names[k] if 0 <= k < len(names) else "?"]
+                for t, rtt, host, k in records("exits")
+            ],
+            "irqs": [[a, h, v, host_time - epoch] for a, h, v, host_time in records("irqs")],
+            "events": [list(r) for r in records("events")],
+            "calls": [list(r) for r in records("calls")],
+        }
 
     def _device_stats(self, vcpu: int) -> dict[str, Any]:
         """What each device model counted for this vCPU (coalesced interrupts, EOIs, ...)."""
@@ -609,7 +611,7 @@ class Host:
                 "host_exit_reasons": vl.exits.reasons(),
                 "injected": self.machine.vcpus[vl.vcpu].injected,
                 "devices": self._device_stats(vl.vcpu),
-                "trace": self._trace(vl.trace) if vl.trace is not None else None,
+                "trace": self._trace(vl.traces) if vl.traces else None,
                 "unclaimed_exits": dict(self.machine.vcpus[vl.vcpu].unclaimed),
                 "refused": dict(vl.refused),
                 "bad_messages": vl.bad_messages,

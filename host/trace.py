@@ -10,7 +10,12 @@ Layout, per path of the campaign (runs laid end to end on one timeline):
   host-side handling of each exit (its measured duration, centred in the round trip: the
   host's own timestamps are not shipped) and each injection as a short slice;
 * a flow arrow (``bind_id`` / ``flow_out`` / ``flow_in``) from every injection on the host
-  to the interrupt it became on the vCPU.
+  to the interrupt it became on the vCPU;
+* thread 3 of a vCPU: each timer callback as a slice from the moment the device was
+  programmed to the moment the callback ran (args: requested expiry, interrupt arrival,
+  lateness);
+* thread 4 of a vCPU: each csd of its ``smp_call_function`` calls, from queued to the
+  wait's return, with a flow to a short "csd ran" slice on the target vCPU's thread 5.
 
 Times are guest ktime (one clock for every vCPU of a machine), in microseconds relative to
 the path's first record, as the trace-event format wants; ``displayTimeUnit`` is ns.
@@ -49,6 +54,8 @@ def trace_events(campaign: dict[str, Any]) -> list[dict[str, Any]]:
         stamps = [e[0] for _, t in traces for e in t["exits"]]
         stamps += [i[0] for _, t in traces for i in t["irqs"]]
         stamps += [i[3] for _, t in traces for i in t["irqs"]]
+        stamps += [e[1] or e[3] for _, t in traces for e in t.get("events", [])]
+        stamps += [c[0] for _, t in traces for c in t.get("calls", [])]
         if not stamps:
             continue
         t0 = min(stamps)
@@ -124,6 +131,59 @@ def trace_events(campaign: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
                 end = max(end, us(done))
+            events.append(_thread(pid, 3, "timer events"))
+            events.append(_thread(pid, 4, "smp calls"))
+            events.append(_thread(pid, 5, "csds run here"))
+            for expires, programmed, irq_at, ran in trace.get("events", []):
+                start = us(programmed or ran)
+                events.append(
+                    {
+                        "name": "timer",
+                        "cat": "timer",
+                        "ph": "X",
+                        "ts": start,
+                        "dur": max(us(ran) - start, _TINY_US),
+                        "pid": pid,
+                        "tid": 3,
+                        "args": {
+                            "expires_ns": expires,
+                            "programmed_ns": programmed,
+                            "irq_arrived_ns": irq_at,
+                            "lateness_ns": ran - expires,
+                        },
+                    }
+                )
+                end = max(end, us(ran))
+            for queued, target, ran, returned in trace.get("calls", []):
+                start = us(queued)
+                call = {
+                    "name": f"csd -> vCPU {target}",
+                    "cat": "smp",
+                    "ph": "X",
+                    "ts": start,
+                    "dur": max(us(returned) - start, _TINY_US),
+                    "pid": pid,
+                    "tid": 4,
+                    "args": {"target": target, "ran_ns": ran},
+                }
+                end = max(end, us(returned))
+                if ran:
+                    flow += 1
+                    call |= {"bind_id": flow, "flow_out": True}
+                    events.append(
+                        {
+                            "name": f"csd from vCPU {vcpu}",
+                            "cat": "smp",
+                            "ph": "X",
+                            "ts": us(ran),
+                            "dur": _TINY_US,
+                            "pid": host_pid + 1 + target,
+                            "tid": 5,
+                            "bind_id": flow,
+                            "flow_in": True,
+                        }
+                    )
+                events.append(call)
         offset = end + _GAP_US
     return events
 

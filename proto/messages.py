@@ -255,8 +255,10 @@ class Report(Message):
 @dataclass(frozen=True, slots=True)
 class Trace(Message):
     RULE: ClassVar[str] = "trace"
-    exits: bytes
-    irqs: bytes
+    exits: bytes | None = None
+    irqs: bytes | None = None
+    events: bytes | None = None
+    calls: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

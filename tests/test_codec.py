@@ -116,7 +116,13 @@ STRATEGIES = {
         call_hdr=st.none() | st.binary(max_size=64),
         timeline=st.none() | st.binary(max_size=64),
     ),
-    m.Trace: st.builds(m.Trace, exits=st.binary(max_size=96), irqs=st.binary(max_size=96)),
+    m.Trace: st.builds(
+        m.Trace,
+        exits=st.none() | st.binary(max_size=96),
+        irqs=st.none() | st.binary(max_size=96),
+        events=st.none() | st.binary(max_size=96),
+        calls=st.none() | st.binary(max_size=96),
+    ),
     m.Csd: st.builds(
         m.Csd, src=U32, dst=U32, id=U64, func=NAME, info=I64, wait=st.booleans(), sent=U64
     ),

@@ -198,7 +198,7 @@ def test_interrupt_with_nothing_due_counts_early_and_reprograms():
     assert hr.programmed == 1_000
     clock.now = 1_000
     assert run(hr.interrupt()) == 1
-    assert ran == [Expiry("t", 1_000, 1_000)]
+    assert ran == [Expiry("t", 1_000, 1_000, programmed_at=999)]  # re-programmed at 999
     assert hr.early == 1
     assert hr.programmed == KTIME_MAX  # nothing left
 

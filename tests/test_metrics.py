@@ -170,3 +170,26 @@ def test_modeled_cost_per_event_uses_what_the_host_applied():
     assert met["exit_cost_profile"] == "apicv"
     # 2 mmio-writes per event at the mean applied cost 105 * 11 us / 205
     assert met["modeled_host_ns_per_event"] == pytest.approx(2 * 105 * 11_000 / 205)
+
+
+def test_trace_has_timer_event_spans_and_csd_flows_across_vcpus():
+    doc = traced_campaign()
+    vcpus = doc["runs"][0]["results"]["vcpus"]
+    vcpus[0]["trace"]["events"] = [[2_000_000, 1_500_000, 2_200_000, 2_300_000]]
+    vcpus[0]["trace"]["calls"] = [
+        [2_400_000, 1, 2_600_000, 2_700_000],
+        [2_400_000, 1, 0, 3_000_000],
+    ]
+    events = trace_events(doc)
+    (timer,) = [e for e in events if e.get("cat") == "timer"]
+    assert timer["tid"] == 3
+    assert timer["dur"] == 800.0  # programmed at 1.5 ms, ran at 2.3 ms
+    assert timer["args"]["lateness_ns"] == 300_000
+    calls = [e for e in events if e.get("cat") == "smp" and e["tid"] == 4]
+    assert len(calls) == 2
+    ran = [e for e in events if e.get("cat") == "smp" and e["tid"] == 5]
+    assert len(ran) == 1  # the csd that never ran has no arrow
+    assert ran[0]["pid"] == calls[0]["pid"] + 1  # on vCPU 1's process
+    assert ran[0]["bind_id"] == calls[0]["bind_id"]
+    outs = sorted(e["bind_id"] for e in events if e.get("flow_out"))
+    assert outs == sorted(e["bind_id"] for e in events if e.get("flow_in"))
