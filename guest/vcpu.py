@@ -25,6 +25,7 @@ import trio
 from hdrh.histogram import HdrHistogram
 
 from vtick.guest.clocksource import Kvmclock, PvclockPage
+from vtick.guest.clocksync import PINGS, ClockSample, Offset, estimate_offset
 from vtick.guest.cpu import KernelOp, MemoryWrite, PreemptionPoint, SpinWait, Udelay, hlt
 from vtick.guest.hrtimer import Expiry
 from vtick.guest.kernel import GuestKernel
@@ -52,6 +53,7 @@ T = TypeVar("T")
 EXIT_INDEX = {cls: i for i, cls in enumerate(m.EXIT_CLASSES)}
 DEFAULT_MODE = "pv-ktime"
 HELLO_RETRY_S = 0.2
+PING_TIMEOUT_S = 1.0
 #: a spinning vCPU re-checks its interrupts and the clock at least this often
 SPIN_SLICE_S = 0.005
 TICK_S = 0.02
@@ -153,6 +155,9 @@ class GuestVcpu:
         self.workload: Workload | None = None
         self._pv_eois_reported = 0
         self._irq_at = 0  # arrival of the interrupt being handled (trace records)
+        self._pong = trio.Event()
+        self._pong_msg: m.Pong | None = None
+        self.clock_offset: Offset | None = None
         self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
@@ -255,6 +260,9 @@ class GuestVcpu:
             raise GuestFatal(3, f"{self.name}: host refused: {msg.reason}")
         elif isinstance(msg, m.Error):
             raise GuestFatal(4, f"{self.name}: host reported a protocol error: {msg.reason}")
+        elif isinstance(msg, m.Pong):
+            self._pong_msg = msg
+            self._pong.set()
         elif isinstance(msg, m.Ack):
             pass
         else:
@@ -319,6 +327,27 @@ class GuestVcpu:
         nursery.start_soon(self.pipe_loop)
         nursery.start_soon(self.tick_loop)
         await self.hello_loop()
+        await self.sync_clock()
+
+    async def sync_clock(self) -> None:
+        """Ping the host and derive the guest TSC from the host's clock domain."""
+        assert self.welcome is not None
+        samples: list[ClockSample] = []
+        for _ in range(PINGS):
+            self._pong = trio.Event()
+            sent = monotonic_ns()
+            self._send(m.Ping(t=sent), sent)
+            self.flush()
+            with trio.move_on_after(PING_TIMEOUT_S):
+                await self._pong.wait()
+            if self._pong_msg is not None and self._pong_msg.t == sent:
+                samples.append(ClockSample(sent, self._pong_msg.host, monotonic_ns()))
+        if not samples:
+            raise GuestFatal(2, f"{self.name}: the host answered no clock ping")
+        self.clock_offset = estimate_offset(samples)
+        # local CLOCK_MONOTONIC + offset = host CLOCK_MONOTONIC, so the TSC epoch in
+        # local terms is the host's minus the offset
+        self.tsc = TscModel(self.welcome.tsc_khz, self.welcome.tsc_epoch - self.clock_offset.ns, 0)
 
     async def hello_loop(self) -> None:
         with trio.move_on_after(self.cfg.handshake_timeout_s):
@@ -536,6 +565,9 @@ class GuestVcpu:
         if self.clock is not None:
             counters["kvmclock_retries"] = self.clock.retries
         counters |= {f"boot_exits {k}": v for k, v in self.boot_exits.items()}
+        if self.clock_offset is not None:
+            counters["clock_offset_ns"] = self.clock_offset.ns
+            counters["clock_sync_rtt_ns"] = self.clock_offset.rtt
         report = m.Report(
             events=timers.ran if timers else 0,
             early=timers.early if timers else 0,

@@ -283,6 +283,13 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
     )
     _preempt_arg(guest)
+    guest.add_argument(
+        "--clock-skew",
+        type=int,
+        default=0,
+        metavar="NS",
+        help="run this vCPU's clock NS ahead of CLOCK_MONOTONIC, as on another machine",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -357,6 +364,10 @@ def _cmd_host(args: argparse.Namespace) -> int:
 def _cmd_guest(args: argparse.Namespace) -> int:
     from vtick.guest.vcpu import GuestConfig, run_guest
 
+    if args.clock_skew:
+        from vtick.proto.transport import set_clock_skew
+
+        set_clock_skew(args.clock_skew)
     cfg = GuestConfig(
         connect=args.connect,
         vcpu=args.vcpu,

@@ -387,6 +387,9 @@ class VcpuLink:
             self.record_error(f"vCPU reported a protocol error: {msg.reason}")
         elif isinstance(msg, m.Hello):
             await self._handshake(data, pipe, now)
+        elif isinstance(msg, m.Ping):
+            # answered at once: the vCPU estimates the offset between the clocks
+            self.send(m.Pong(t=msg.t, host=monotonic_ns()), now)
         elif isinstance(msg, m.Ack):
             pass
         else:

@@ -18,6 +18,8 @@ __all__ = [
     "Refuse",
     "Ack",
     "Error",
+    "Ping",
+    "Pong",
     "ExitMmioRead",
     "ExitMmioWrite",
     "ExitMsrRead",
@@ -109,6 +111,21 @@ class Error(Message):
     SEQUENCED: ClassVar[bool] = False
     code: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    RULE: ClassVar[str] = "ping"
+    SEQUENCED: ClassVar[bool] = False
+    t: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    RULE: ClassVar[str] = "pong"
+    SEQUENCED: ClassVar[bool] = False
+    t: int
+    host: int
 
 
 # ------------------------------------------------------------------ exits

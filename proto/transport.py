@@ -26,6 +26,7 @@ __all__ = [
     "link_url",
     "ipc_path",
     "monotonic_ns",
+    "set_clock_skew",
     "trio_deadline",
 ]
 
@@ -40,9 +41,23 @@ RECONNECT_MIN_MS = 10
 RECONNECT_MAX_MS = 200
 
 
+_CLOCK_SKEW_NS = 0
+
+
+def set_clock_skew(ns: int) -> None:
+    """Make this process's clock read ``ns`` ahead of CLOCK_MONOTONIC.
+
+    For ``vtick guest --clock-skew``: a vCPU process on one machine can then behave as if
+    it ran on another machine whose clock has a different origin, which is what the
+    clock-offset estimation at the handshake is for.
+    """
+    global _CLOCK_SKEW_NS
+    _CLOCK_SKEW_NS = ns
+
+
 def monotonic_ns() -> int:
-    """Host CLOCK_MONOTONIC in ns: the time base of every model."""
-    return time.monotonic_ns()
+    """This machine's CLOCK_MONOTONIC in ns (plus any configured skew)."""
+    return time.monotonic_ns() + _CLOCK_SKEW_NS
 
 
 def trio_deadline(host_ns: int) -> float:

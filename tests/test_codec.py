@@ -80,6 +80,8 @@ STRATEGIES = {
     m.Refuse: st.builds(m.Refuse, code=U16, reason=TEXT),
     m.Ack: st.builds(m.Ack, resend=st.none() | st.booleans()),
     m.Error: st.builds(m.Error, code=U16, reason=TEXT),
+    m.Ping: st.builds(m.Ping, t=U64),
+    m.Pong: st.builds(m.Pong, t=U64, host=U64),
     m.ExitMmioRead: st.builds(m.ExitMmioRead, gpa=U64, size=U8, pv_eoi=st.none() | st.booleans()),
     m.ExitMmioWrite: st.builds(
         m.ExitMmioWrite, gpa=U64, size=U8, value=U64, pv_eoi=st.none() | st.booleans()

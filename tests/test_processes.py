@@ -346,10 +346,10 @@ class StandaloneHost:
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().startswith("READY")
 
-    def guest(self, vcpu: int, token: bytes | None = None) -> subprocess.Popen:
+    def guest(self, vcpu: int, token: bytes | None = None, *extra: str) -> subprocess.Popen:
         env = dict(self.env, VTICK_TOKEN=(token or self.token).hex())
         return subprocess.Popen(
-            [*VTICK, "guest", "--connect", self.url, "--vcpu", str(vcpu)],
+            [*VTICK, "guest", "--connect", self.url, "--vcpu", str(vcpu), *extra],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -722,5 +722,27 @@ def test_smp_call_function_with_a_dead_target_ends_in_errors_not_a_hang() -> Non
         assert errors > 0, "calls to the dead vCPU must fail visibly"
         assert all(v["guest"]["counters"]["csds_run"] > 0 for v in survivors)
         assert code == 1  # the dead vCPU never reported
+    finally:
+        host.cleanup()
+
+
+def test_a_vcpu_whose_clock_has_another_origin_still_keeps_time() -> None:
+    """As on another machine: the vCPU's CLOCK_MONOTONIC is 5 s ahead.  The handshake's
+    clock pings find the offset, the guest TSC follows the host's clock, and timers fire
+    on time (no early events, lateness as usual)."""
+    host = StandaloneHost(1, 1.5)
+    try:
+        g = host.guest(0, None, "--clock-skew", "5000000000")
+        code, results, _ = host.finish()
+        g.communicate(timeout=20)
+        assert g.returncode == 0
+        assert code == 0
+        guest = results["vcpus"][0]["guest"]
+        offset = guest["counters"]["clock_offset_ns"]
+        rtt = guest["counters"]["clock_sync_rtt_ns"]
+        assert abs(offset + 5_000_000_000) <= rtt  # host clock = local clock - 5 s
+        assert guest["events"] > 0
+        assert guest["early"] <= guest["events"] // 100
+        assert guest["lateness_max_ns"] < 1_000_000_000
     finally:
         host.cleanup()

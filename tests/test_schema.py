@@ -25,6 +25,8 @@ KINDS = {
     "refuse": 3,
     "ack": 4,
     "error": 5,
+    "ping": 6,
+    "pong": 7,
     "exit-mmio-read": 16,
     "exit-mmio-write": 17,
     "exit-msr-read": 18,
