@@ -102,11 +102,16 @@ def calibrate_lapic_timer_tsc(
     yield from ops.write(a.APIC_LVTT, lvtt)
     yield from ops.write(a.APIC_TDCR, TDCR_DIVIDE_BY_16)
     yield from ops.write(a.APIC_TMICT, 0xFFFF_FFFF // APIC_DIVISOR)
+    # Each TMCCT read is an exit of unknown length: bracket it with TSC reads and take
+    # the midpoint as the moment it was sampled, which halves the error a slow exit or
+    # a preemption during it adds.
+    before = rdtsc()
     t1 = yield from ops.read(a.APIC_TMCCT)
-    tsc1 = rdtsc()
+    tsc1 = (before + rdtsc()) // 2
     yield from udelay(REFERENCE_EDGES * NSEC_PER_SEC // REFERENCE_HZ)  # 100 ms
+    before = rdtsc()
     t2 = yield from ops.read(a.APIC_TMCCT)
-    tsc2 = rdtsc()
+    tsc2 = (before + rdtsc()) // 2
     yield from ops.write(a.APIC_TMICT, 0)
     yield from ops.write(a.APIC_LVTT, a.APIC_LVT_MASKED | Vector.LOCAL_TIMER)
     delta = (t1 - t2) & 0xFFFF_FFFF
