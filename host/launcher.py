@@ -109,11 +109,12 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
     Raises:
         RunFailed: a process failed, timed out, or the run was interrupted.
     """
+    if opts.listen:  # validate early: a clear error before anything is created
+        for i in range(opts.vcpus):
+            link_url(opts.listen, i)
     run_dir = tempfile.mkdtemp(prefix="vtick-")  # mkdtemp creates it 0700
     token = secrets.token_bytes(32)
     listen = opts.listen or f"ipc://{run_dir}/link"
-    for i in range(opts.vcpus):
-        link_url(listen, i)  # validate early: a clear error before anything starts
     host_results = os.path.join(run_dir, "results.json")
     env = dict(os.environ)
     env["VTICK_TOKEN"] = token.hex()

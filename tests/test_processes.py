@@ -489,11 +489,12 @@ def test_sender_refuses_oversize_before_sending() -> None:
     assert info.value.code == ErrorCode.OVERSIZE
 
 
-async def test_launch_reports_bad_listen_url(tmp_path) -> None:
+async def test_launch_reports_bad_listen_url(tmp_path, private_tmp) -> None:
     with pytest.raises(ValueError, match="explicit port"):
         await launch(
             RunOptions(vcpus=1, duration_s=0.5, listen="tcp://127.0.0.1"), str(tmp_path / "r.json")
         )
+    assert _leftovers(private_tmp) == [], "a refused run must not leave a run directory"
 
 
 def _raw_hello(token: bytes, pid: int, resume: int | None = None, vcpu: int = 0) -> bytes:
