@@ -3,35 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hrtimer_model import Model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtick.host.hrtimer import HrtimerQueue
-
-
-class Model:
-    """The obvious O(n) timer set: handle -> (expiry, arming order)."""
-
-    def __init__(self) -> None:
-        self.armed: dict = {}
-        self.order = 0
-
-    def arm(self, handle, expiry: int) -> None:
-        self.order += 1
-        self.armed[handle] = (expiry, self.order)
-
-    def cancel(self, handle) -> bool:
-        return self.armed.pop(handle, None) is not None
-
-    def next_expiry(self):
-        return min((e for e, _ in self.armed.values()), default=None)
-
-    def expire(self, now: int) -> list:
-        due = sorted((entry, h) for h, entry in self.armed.items() if entry[0] <= now)
-        for _, h in due:
-            del self.armed[h]
-        return [h for _, h in due]
-
 
 HANDLES = st.sampled_from(["a", "b", "c", ("pvtimer", 0), ("pvtimer", 1), 7])
 OPS = st.lists(

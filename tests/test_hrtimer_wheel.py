@@ -9,6 +9,7 @@ operation the wheel's internal placement is checked against the theory of operat
 from __future__ import annotations
 
 import pytest
+from hrtimer_model import Model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,30 +25,6 @@ def make(geometry: tuple[int, int, int] | None) -> HrtimerQueue:
         return HrtimerQueue()
     tick_shift, level_bits, levels = geometry
     return HrtimerQueue(tick_shift=tick_shift, level_bits=level_bits, levels=levels)
-
-
-class Model:
-    """The obvious O(n) timer set: handle -> (expiry, arming order)."""
-
-    def __init__(self) -> None:
-        self.armed: dict = {}
-        self.order = 0
-
-    def arm(self, handle, expiry: int) -> None:
-        self.order += 1
-        self.armed[handle] = (expiry, self.order)
-
-    def cancel(self, handle) -> bool:
-        return self.armed.pop(handle, None) is not None
-
-    def next_expiry(self):
-        return min((e for e, _ in self.armed.values()), default=None)
-
-    def expire(self, now: int) -> list:
-        due = sorted((entry, h) for h, entry in self.armed.items() if entry[0] <= now)
-        for _, h in due:
-            del self.armed[h]
-        return [h for _, h in due]
 
 
 def check_placement(q: HrtimerQueue) -> None:
