@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import pynng
 import pytest
@@ -70,6 +71,25 @@ def _children_of(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(stat.split("/")[2]))
     return out
+
+
+def _launch_run(tmp_path: pathlib.Path, duration: str, **popen: Any) -> subprocess.Popen:
+    """``vtick run`` of two pv-ktime vCPUs in the background, results to ``r.json``."""
+    return subprocess.Popen(
+        [*VTICK, "run", "--vcpus", "2", "--duration", duration, "--modes", "pv-ktime",
+         "--ipi", "none", "--json", str(tmp_path / "r.json")],
+        **popen,
+    )  # fmt: skip
+
+
+def _await_family(launcher: subprocess.Popen, size: int = 3) -> set[int]:
+    """The launcher's children once ``size`` of them run (or whatever started in 20 s)."""
+    family: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(family) < size and time.monotonic() < deadline:
+        time.sleep(0.2)
+        family.update(_children_of(launcher.pid))
+    return family
 
 
 def _cmdline(pid: int) -> str:
@@ -236,13 +256,9 @@ def test_bad_command_line_values(args, needle) -> None:
 
 
 def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp) -> None:
-    launcher = subprocess.Popen(
-        [*VTICK, "run", "--vcpus", "2", "--duration", "20", "--modes", "pv-ktime",
-         "--ipi", "none", "--json", str(tmp_path / "r.json")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    launcher = _launch_run(
+        tmp_path, "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         victim = None
         family: set[int] = set()
@@ -272,31 +288,12 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp)
 
 
 def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
-    launcher = subprocess.Popen(
-        [
-            *VTICK,
-            "run",
-            "--vcpus",
-            "2",
-            "--duration",
-            "30",
-            "--modes",
-            "pv-ktime",
-            "--ipi",
-            "none",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    launcher = _launch_run(
+        tmp_path, "30", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     family: set[int] = set()
     try:
-        deadline = time.monotonic() + 20
-        while len(family) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            family.update(_children_of(launcher.pid))
+        family = _await_family(launcher)
         assert len(family) == 3, "host and two vCPUs should be running"
         time.sleep(0.5)
         launcher.send_signal(signal.SIGTERM)
@@ -569,29 +566,8 @@ def test_host_sigterm_removes_its_sockets() -> None:
 
 def test_children_stop_when_the_launcher_is_killed(tmp_path, private_tmp) -> None:
     """``kill -9`` of ``vtick run`` must not leave its host and vCPUs running."""
-    launcher = subprocess.Popen(
-        [
-            *VTICK,
-            "run",
-            "--vcpus",
-            "2",
-            "--duration",
-            "30",
-            "--modes",
-            "pv-ktime",
-            "--ipi",
-            "none",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    family: set[int] = set()
-    deadline = time.monotonic() + 20
-    while len(family) < 3 and time.monotonic() < deadline:
-        time.sleep(0.2)
-        family.update(_children_of(launcher.pid))
+    launcher = _launch_run(tmp_path, "30", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    family = _await_family(launcher)
     launcher.kill()
     launcher.wait()
     try:
