@@ -136,7 +136,6 @@ class GuestVcpu:
         self.welcome: m.Welcome | None = None
         self.welcomed = trio.Event()
         self.tsc: TscModel | None = None
-        self.pvclock: PvclockInfo | None = None
         #: injected, not yet taken: (vector, PV EOI flag, trace record index)
         self.pending: deque[tuple[int, bool, int]] = deque()
         self.recorder: Recorder | None = None
@@ -149,6 +148,7 @@ class GuestVcpu:
         self.pipes_seen = 0
         self.stale_frames = 0
         self.duration_ns = 0
+        #: the pvclock page: the one copy of the host's latest PvclockInfo
         self.page: PvclockPage | None = None
         self.clock: Kvmclock | None = None
         self.kernel: GuestKernel | None = None
@@ -167,8 +167,8 @@ class GuestVcpu:
     def ktime(self) -> int:
         """Guest CLOCK_MONOTONIC through kvmclock: TSC read, then pvclock scaling."""
         assert self.tsc is not None
-        assert self.pvclock is not None
-        return self.pvclock.ktime(self.tsc.tsc(monotonic_ns()))
+        assert self.page is not None
+        return self.page.info.ktime(self.tsc.tsc(monotonic_ns()))
 
     # ------------------------------------------------------------------ link I/O
 
@@ -230,16 +230,15 @@ class GuestVcpu:
             self._reply_event.set()
         elif isinstance(msg, m.Inject):
             rec = -1
-            if self.recorder is not None and self.pvclock is not None:
+            if self.recorder is not None and self.page is not None:
                 rec = self.recorder.irq_arrived(self.ktime(), msg.vector, msg.host_time)
             self.pending.append((msg.vector, bool(msg.pv_eoi), rec))
             self._wake()
         elif isinstance(msg, m.Welcome):
             self._on_welcome(msg)
         elif isinstance(msg, m.Pvclock):
-            self.pvclock = PvclockInfo.from_wire(msg.info)
-            if self.page is not None:
-                self.page.publish(self.pvclock)
+            if self.page is not None:  # before Welcome, Welcome's copy is the newer one
+                self.page.publish(PvclockInfo.from_wire(msg.info))
         elif isinstance(msg, m.Csd):
             if msg.dst != self.cfg.vcpu:
                 raise GuestFatal(4, f"{self.name}: host relayed a csd for vCPU {msg.dst}")
@@ -295,8 +294,7 @@ class GuestVcpu:
         if self.ep is not None:  # receive no more than the host's limit either
             self.ep.sock.recv_max_size = msg.max_message
         self.tsc = TscModel(msg.tsc_khz, msg.tsc_epoch, 0)
-        self.pvclock = PvclockInfo.from_wire(msg.pvclock)
-        self.page = PvclockPage(self.pvclock)
+        self.page = PvclockPage(PvclockInfo.from_wire(msg.pvclock))
         self.welcomed.set()
 
     async def pipe_loop(self) -> None:
