@@ -37,6 +37,7 @@ from vtick.guest.cpu import (
 )
 from vtick.proto import apicdef as a
 from vtick.proto.abi import Hypercall, KvmErrno, Msr
+from vtick.proto.catalog import APIC_NAMES, PREEMPT_ICR_IDLE_TO_WRITE
 
 __all__ = [
     "ApicOps",
@@ -49,7 +50,6 @@ __all__ = [
     "PV_IPI_WINDOW",
 ]
 
-PREEMPT_ICR_IDLE_TO_WRITE = "apic.icr_idle_to_write"
 #: KVM_HC_SEND_IPI covers 128 APIC IDs from its minimum (two 64-bit bitmap words)
 PV_IPI_WINDOW = 128
 _SVR_ENABLE = a.APIC_SPIV_APIC_ENABLED | a.APIC_SPIV_VECTOR
@@ -241,3 +241,4 @@ class KvmPvApicOps(X2ApicOps):
 APIC_OPS: dict[str, type[ApicOps]] = {
     cls.name: cls for cls in (XApicOps, X2ApicOps, VmiApicOps, KvmPvApicOps)
 }
+assert tuple(APIC_OPS) == APIC_NAMES, "vtick.proto.catalog.APIC_NAMES disagrees"

@@ -25,6 +25,7 @@ from enum import Enum, IntFlag
 
 from vtick.guest.cpu import KernelOp, preemption_point
 from vtick.proto.abi import ETIME
+from vtick.proto.catalog import PREEMPT_DELTA_TO_DEVICE
 from vtick.proto.clockmath import NSEC_PER_SEC, U32_MASK, cev_delta2ns, clocks_calc_mult_shift
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 KTIME_MAX = (1 << 63) - 1
-PREEMPT_DELTA_TO_DEVICE = "clockevents.delta_to_device"
 #: clockevents_program_min_delta gives up raising min_delta beyond one jiffy
 _MIN_DELTA_RAISE_FROM_NS = 5000
 _MIN_DELTA_RETRIES = 3

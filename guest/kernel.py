@@ -36,6 +36,7 @@ from vtick.guest.drivers.vmi_timer import VmiTimer
 from vtick.guest.hrtimer import Expiry, HighResTimers, HrtimerCallback
 from vtick.guest.smp import PREEMPT_CSD_WAIT, Smp
 from vtick.proto.abi import Msr, Vector
+from vtick.proto.catalog import IPI_VARIANT_NAMES, MODE_NAMES, PREEMPTION_POINTS
 
 __all__ = [
     "ModeSpec",
@@ -72,8 +73,12 @@ MODES: dict[str, ModeSpec] = {
 }
 
 
-#: the named places where a delay can be injected (``vtick run --preempt POINT=NS``)
-PREEMPTION_POINTS = (PREEMPT_DELTA_TO_DEVICE, PREEMPT_ICR_IDLE_TO_WRITE, PREEMPT_CSD_WAIT)
+assert tuple(MODES) == MODE_NAMES, "vtick.proto.catalog.MODE_NAMES disagrees"
+assert set(PREEMPTION_POINTS) == {
+    PREEMPT_DELTA_TO_DEVICE,
+    PREEMPT_ICR_IDLE_TO_WRITE,
+    PREEMPT_CSD_WAIT,
+}, "vtick.proto.catalog.PREEMPTION_POINTS disagrees"
 
 #: IPI paths of DESIGN.md section 4: (APIC ops variant, use shorthands)
 IPI_VARIANTS: dict[str, tuple[str, bool]] = {
@@ -82,6 +87,7 @@ IPI_VARIANTS: dict[str, tuple[str, bool]] = {
     "x2apic": ("x2apic", True),
     "pv": ("kvm-pv", True),
 }
+assert tuple(IPI_VARIANTS) == IPI_VARIANT_NAMES, "vtick.proto.catalog.IPI_VARIANT_NAMES disagrees"
 
 
 class GuestKernel:

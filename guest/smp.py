@@ -35,6 +35,7 @@ from vtick.guest.apic import ApicOps
 from vtick.guest.cpu import KernelOp, MemoryWrite, SpinWait, preemption_point
 from vtick.proto import messages as m
 from vtick.proto.abi import Vector
+from vtick.proto.catalog import CPU_ONLINE, PREEMPT_CSD_WAIT
 
 __all__ = [
     "Smp",
@@ -45,9 +46,6 @@ __all__ = [
     "CPU_ONLINE",
 ]
 
-PREEMPT_CSD_WAIT = "smp.csd_wait"
-#: the store that sets this CPU's bit in cpu_online_mask on every other vCPU
-CPU_ONLINE = "cpu_online"
 DEFAULT_CSD_TIMEOUT_NS = 1_000_000_000
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Protocol
 
 from vtick.guest.cpu import KernelOp
+from vtick.proto.catalog import WORKLOAD_NAMES
 
 if TYPE_CHECKING:
     from vtick.guest.smp import Smp
@@ -217,6 +218,6 @@ class TimerKernel(Protocol):
     def smp(self) -> Smp: ...
 
 
-WORKLOADS = ("timers", "tick", "ipi", "mixed")
+WORKLOADS = WORKLOAD_NAMES
 
 Workload = TimerStormWorkload | TickWorkload | IpiStormWorkload | MixedWorkload

@@ -1,4 +1,11 @@
-"""The ``vtick`` command: run, host, guest, bench."""
+"""The ``vtick`` command: argument parsing and dispatch, nothing else.
+
+Each subcommand's logic is one module: ``run`` in ``vtick.host.lab.run``, ``compare`` in
+``vtick.host.lab.compare``, ``host`` in ``vtick.host.server``, ``bench`` in
+``vtick.host.bench``.  ``guest`` is a program of its own (``python -m vtick.guest``): this
+command hands it its arguments in a fresh interpreter, so the host never imports the
+guest.
+"""
 
 from __future__ import annotations
 
@@ -9,69 +16,26 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from vtick.guest.apic import APIC_OPS
-from vtick.guest.kernel import IPI_VARIANTS, MODES, PREEMPTION_POINTS
-from vtick.guest.workload import WORKLOADS
+from vtick.proto.catalog import APIC_NAMES, IPI_VARIANT_NAMES, MODE_NAMES, WORKLOAD_NAMES
+from vtick.proto.cliargs import (
+    TOKEN_ENV,
+    duration,
+    nonneg_int,
+    param,
+    positive_int,
+    preempt_arg,
+    read_token,
+    url,
+)
 
 __all__ = ["main"]
 
-TOKEN_ENV = "VTICK_TOKEN"
-
-
-def _int_at_least(lowest: int) -> Callable[[str], int]:
-    """An argparse type: an integer (any base prefix) no smaller than ``lowest``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {lowest}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
 
 def _vcpu_count(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 1024:
         raise argparse.ArgumentTypeError(f"{value} vCPUs is more than vtick supports (1024)")
     return value
-
-
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 24 * 3600:
-        raise argparse.ArgumentTypeError(f"duration {text!r} must be in (0, 86400] seconds")
-    return value
-
-
-def _url(text: str) -> str:
-    from vtick.proto.transport import link_url
-
-    try:
-        link_url(text, 0)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _param(text: str) -> tuple[str, int]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=INTEGER")
-    try:
-        return key, int(value, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
 
 
 def _exit_cost(text: str) -> str:
@@ -103,61 +67,34 @@ def _choices(allowed: list[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _preempt(text: str) -> tuple[str, int]:
-    name, sep, value = text.partition("=")
-    if not sep or name not in PREEMPTION_POINTS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected POINT=NS with POINT one of {', '.join(PREEMPTION_POINTS)}"
-        )
-    try:
-        ns = int(value, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not an integer") from None
-    if not 0 <= ns <= 10 * 10**9:
-        raise argparse.ArgumentTypeError(f"{text!r}: delay must be 0..10 s in ns")
-    return name, ns
-
-
-def _preempt_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preempt",
-        type=_preempt,
-        action="append",
-        default=[],
-        metavar="POINT=NS",
-        help="preempt the vCPU for NS ns every time it passes POINT: "
-        + ", ".join(PREEMPTION_POINTS),
-    )
-
-
 def _workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
+    p.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed")
     p.add_argument(
         "--workload",
-        choices=list(WORKLOADS),
+        choices=list(WORKLOAD_NAMES),
         default="timers",
         help="guest workload: timers (random hrtimers, some cancelled or re-armed), "
         "tick (the periodic tick alone)",
     )
     p.add_argument(
         "--mode",
-        choices=list(MODES),
+        choices=list(MODE_NAMES),
         default="pv-ktime",
         help="timer mode: how the guest programs its clock-event device",
     )
     p.add_argument(
-        "--apic", choices=list(APIC_OPS), default=None, help="APIC access (default: the mode's)"
+        "--apic", choices=list(APIC_NAMES), default=None, help="APIC access (default: the mode's)"
     )
-    p.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
+    p.add_argument("--hz", type=positive_int, default=1000, help="the guest kernel's HZ")
     p.add_argument(
         "--ipi",
-        choices=list(IPI_VARIANTS),
+        choices=list(IPI_VARIANT_NAMES),
         default=None,
         help="IPI path for smp_call_function (sets the APIC access unless --apic is given)",
     )
     p.add_argument(
         "--param",
-        type=_param,
+        type=param,
         action="append",
         default=[],
         metavar="NAME=INT",
@@ -180,17 +117,17 @@ def _parser() -> argparse.ArgumentParser:
         "comparison table per family.",
     )
     run.add_argument("--vcpus", type=_vcpu_count, default=4)
-    run.add_argument("--duration", type=_duration, default=1.8, help="seconds of workload per path")
+    run.add_argument("--duration", type=duration, default=1.8, help="seconds of workload per path")
     run.add_argument(
         "--modes",
-        type=_choices(list(MODES)),
-        default=list(MODES),
+        type=_choices(list(MODE_NAMES)),
+        default=list(MODE_NAMES),
         help="comma-separated timer modes, 'all' or 'none' (default all)",
     )
     run.add_argument(
         "--ipi",
-        type=_choices(list(IPI_VARIANTS)),
-        default=list(IPI_VARIANTS),
+        type=_choices(list(IPI_VARIANT_NAMES)),
+        default=list(IPI_VARIANT_NAMES),
         help="comma-separated IPI paths, 'all' or 'none' (default all)",
     )
     run.add_argument(
@@ -201,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--listen",
-        type=_url,
+        type=url,
         default=None,
         help="base URL (default: ipc:// in a private temporary directory); "
         "tcp://HOST:PORT uses ports PORT..PORT+N-1",
@@ -214,10 +151,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write a Chrome/Perfetto trace-event JSON file of every path's first events",
     )
-    run.add_argument("--seed", type=_nonneg_int, default=1, help="workload random seed")
-    run.add_argument("--hz", type=_positive_int, default=1000, help="the guest kernel's HZ")
+    run.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed")
+    run.add_argument("--hz", type=positive_int, default=1000, help="the guest kernel's HZ")
     run.add_argument(
-        "--apic", choices=list(APIC_OPS), default=None, help="APIC access (default: the mode's)"
+        "--apic", choices=list(APIC_NAMES), default=None, help="APIC access (default: the mode's)"
     )
     run.add_argument(
         "--exit-cost",
@@ -228,26 +165,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--param",
-        type=_param,
+        type=param,
         action="append",
         default=[],
         metavar="NAME=INT",
         help="workload parameter: timers, min_ns, max_ns, churn_pct, pause_ns, ipi_every_ns",
     )
-    _preempt_arg(run)
+    preempt_arg(run)
 
     cmp = sub.add_parser("compare", help="print the differences between two results files")
     cmp.add_argument("a", help="results JSON of the first run")
     cmp.add_argument("b", help="results JSON of the second run")
 
     host = sub.add_parser("host", help="run the host (VMM) process")
-    host.add_argument("--listen", type=_url, required=True)
+    host.add_argument("--listen", type=url, required=True)
     host.add_argument("--vcpus", type=_vcpu_count, required=True)
-    host.add_argument("--duration", type=_duration, default=5.0)
+    host.add_argument("--duration", type=duration, default=5.0)
     host.add_argument("--results", default=None, help="write results JSON here")
     host.add_argument(
         "--connect-timeout",
-        type=_duration,
+        type=duration,
         default=30.0,
         help="seconds to wait for every vCPU to connect",
     )
@@ -267,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     host.add_argument(
         "--report-timeout",
-        type=_duration,
+        type=duration,
         default=10.0,
         help="seconds to wait at the end for every vCPU's report and goodbye",
     )
@@ -276,57 +213,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     _workload_args(host)
 
-    guest = sub.add_parser("guest", help="run one vCPU process")
-    guest.add_argument("--connect", type=_url, required=True)
-    guest.add_argument("--vcpu", type=_nonneg_int, required=True)
-    guest.add_argument(
-        "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
-    )
-    _preempt_arg(guest)
-    guest.add_argument(
-        "--clock-skew",
-        type=int,
-        default=0,
-        metavar="NS",
-        help="run this vCPU's clock NS ahead of CLOCK_MONOTONIC, as on another machine",
+    sub.add_parser(
+        "guest",
+        help="run one vCPU process (vtick guest --help for its options)",
+        add_help=False,
     )
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("transport", help="exit round trip vs a raw AF_UNIX socketpair")
-    bt.add_argument("--count", type=_positive_int, default=5000, help="round trips per path")
-    bt.add_argument("--warmup", type=_nonneg_int, default=500)
+    bt.add_argument("--count", type=positive_int, default=5000, help="round trips per path")
+    bt.add_argument("--warmup", type=nonneg_int, default=500)
     bw = bsub.add_parser(
         "wheel", help="host hrtimer wheel vs a heapq queue with lazy deletion, same workload"
     )
-    bw.add_argument("--timers", type=_positive_int, default=1_000_000)
-    bw.add_argument("--seed", type=_nonneg_int, default=1)
+    bw.add_argument("--timers", type=positive_int, default=1_000_000)
+    bw.add_argument("--seed", type=nonneg_int, default=1)
     br = bsub.add_parser("recording", help="a run with trace recording on vs off")
-    br.add_argument("--mode", choices=list(MODES), default="pv-ktime")
-    br.add_argument("--rounds", type=_positive_int, default=3)
-    br.add_argument("--duration", type=_duration, default=2.0)
+    br.add_argument("--mode", choices=list(MODE_NAMES), default="pv-ktime")
+    br.add_argument("--rounds", type=positive_int, default=3)
+    br.add_argument("--duration", type=duration, default=2.0)
     return parser
-
-
-def _read_token(token_file: str | None) -> bytes:
-    """The run token from a 0600 file or the environment (never the command line)."""
-    if token_file:
-        st = os.stat(token_file)
-        if st.st_mode & 0o077:
-            raise SystemExit(f"vtick: {token_file} is readable by others; chmod 600 it")
-        with open(token_file) as fh:
-            text = fh.read().strip()
-    else:
-        text = os.environ.get(TOKEN_ENV, "")
-        if not text:
-            raise SystemExit(f"vtick: no token: set ${TOKEN_ENV} or pass --token-file")
-    try:
-        token = bytes.fromhex(text)
-    except ValueError:
-        raise SystemExit("vtick: the token must be 64 hex digits") from None
-    if len(token) != 32:
-        raise SystemExit("vtick: the token must be 64 hex digits")
-    return token
 
 
 def _cmd_host(args: argparse.Namespace) -> int:
@@ -335,7 +242,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
     cfg = HostConfig(
         listen=args.listen,
         vcpus=args.vcpus,
-        token=_read_token(args.token_file),
+        token=read_token(args.token_file),
         duration_s=args.duration,
         workload=args.workload,
         seed=args.seed,
@@ -361,135 +268,41 @@ def _cmd_host(args: argparse.Namespace) -> int:
     return 0 if results["ok"] else 1
 
 
-def _cmd_guest(args: argparse.Namespace) -> int:
-    from vtick.guest.vcpu import GuestConfig, run_guest
-
-    if args.clock_skew:
-        from vtick.proto.transport import set_clock_skew
-
-        set_clock_skew(args.clock_skew)
-    cfg = GuestConfig(
-        connect=args.connect,
-        vcpu=args.vcpu,
-        token=_read_token(args.token_file),
-        preempt_ns=dict(args.preempt),
-    )
-    try:
-        return trio.run(run_guest, cfg)
-    except KeyboardInterrupt:
-        return 130
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from vtick.host.lab.run import run_main
 
-    from vtick.host.campaign import CampaignOptions, run_campaign
-    from vtick.host.launcher import RunInterrupted
-    from vtick.host.report import print_campaign
-    from vtick.host.results import write_json
-
-    opts = CampaignOptions(
-        modes=args.modes,
-        ipis=args.ipi,
-        vcpus=args.vcpus,
-        duration_s=args.duration,
-        timer_workload=args.workload,
-        seed=args.seed,
-        hz=args.hz,
-        apic=args.apic,
-        listen=args.listen,
-        params=dict(args.param),
-        preempt=dict(args.preempt),
-        exit_cost=args.exit_cost,
-        trace=args.trace is not None,
-    )
-    paths = opts.runs()
-    if not paths:
-        print("vtick run: nothing to run (--modes none --ipi none)", file=sys.stderr)
-        return 2
-    # a terminal gets its own width; a pipe or a log file gets room for the full tables
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("starting", total=len(paths))
-
-        def on_progress(index: int, family: str, name: str) -> None:
-            progress.update(task, completed=index, description=f"{family} path {name}")
-
-        try:
-            campaign = trio.run(run_campaign, opts, on_progress)
-        except RunInterrupted as exc:
-            print(f"vtick run: {exc}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"vtick run: {exc}", file=sys.stderr)
-            return 1
-        progress.update(task, completed=len(paths))
-    write_json(args.json, campaign)
-    print_campaign(campaign, console)
-    if args.trace:
-        from vtick.host.trace import write_trace
-
-        events = write_trace(campaign, args.trace)
-        console.print(f"trace: {args.trace} ({events} events; open it in the Perfetto UI)")
-    if args.plots:
-        from vtick.host.plots import write_plots
-
-        for path in write_plots(campaign, args.plots):
-            console.print(f"plot: {path}")
-    console.print(f"results: {args.json}")
-    failed = [r for r in campaign["runs"] if "metrics" not in r or not r["metrics"]["ok"]]
-    return 1 if failed else 0
+    return run_main(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import json
+    from vtick.host.lab.compare import compare_main
 
-    from vtick.host.report import print_compare
-
-    docs = []
-    for path in (args.a, args.b):
-        try:
-            with open(path) as fh:
-                doc = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"vtick compare: {path}: {exc}", file=sys.stderr)
-            return 2
-        if not isinstance(doc, dict) or doc.get("vtick") != 2 or "runs" not in doc:
-            print(f"vtick compare: {path} is not a vtick run results file", file=sys.stderr)
-            return 2
-        docs.append(doc)
-    print_compare(docs[0], docs[1], (args.a, args.b))
-    return 0
+    return compare_main(args.a, args.b)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "recording":
-        from vtick.host.bench_recording import run_recording_bench
+        from vtick.host.bench.recording import run_recording_bench
 
         return run_recording_bench(args.mode, args.rounds, args.duration)
     if args.bench == "wheel":
-        from vtick.host.bench_wheel import run_wheel_bench
+        from vtick.host.bench.wheel import run_wheel_bench
 
         return run_wheel_bench(timers=args.timers, seed=args.seed)
-    from vtick.host.bench_transport import run_transport_bench
+    from vtick.host.bench.transport import run_transport_bench
 
     return run_transport_bench(count=args.count, warmup=args.warmup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["guest"]:
+        # the guest is its own program: same pid, fresh interpreter, no host imports
+        os.execv(sys.executable, [sys.executable, "-m", "vtick.guest", *argv[1:]])
     args = _parser().parse_args(argv)
     handler = {
         "run": _cmd_run,
         "host": _cmd_host,
-        "guest": _cmd_guest,
         "bench": _cmd_bench,
         "compare": _cmd_compare,
     }[args.command]

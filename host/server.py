@@ -29,7 +29,6 @@ from typing import Any
 import pynng
 import trio
 
-from vtick.guest.smp import CPU_ONLINE
 from vtick.host.accounting import ExitAccounting, exit_reason
 from vtick.host.devices.kvmclock import KvmClock
 from vtick.host.devices.pit import Pit
@@ -41,6 +40,7 @@ from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.host.results import write_json
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
+from vtick.proto.catalog import CPU_ONLINE
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
 from vtick.proto.lifecycle import watch_parent, watch_signals

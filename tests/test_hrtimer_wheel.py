@@ -13,7 +13,7 @@ from hrtimer_model import Model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtick.host import bench_wheel
+from vtick.host.bench import wheel as bench_wheel
 from vtick.host.hrtimer import HrtimerQueue
 
 #: (tick_shift, level_bits, levels); None: the default geometry

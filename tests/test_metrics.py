@@ -7,9 +7,9 @@ import json
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from vtick.host.metrics import run_metrics
-from vtick.host.report import compare, family_rows
-from vtick.host.trace import trace_events, write_trace
+from vtick.host.lab.metrics import run_metrics
+from vtick.host.lab.report import compare, family_rows
+from vtick.host.lab.trace import trace_events, write_trace
 
 
 def hdr(values: list[int]) -> str:

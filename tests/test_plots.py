@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from vtick.host import plots
+from vtick.host.lab import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL = [plots.LATENESS_CDF, plots.EXITS_PER_EVENT, plots.IPI_LATENCY, plots.LATENESS_OVER_TIME]

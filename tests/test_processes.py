@@ -25,7 +25,7 @@ import pynng
 import pytest
 import trio
 
-from vtick.host.launcher import RunOptions, launch
+from vtick.host.lab.launcher import RunOptions, launch
 from vtick.proto import messages as m
 from vtick.proto.abi import Hypercall
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode

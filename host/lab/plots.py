@@ -10,7 +10,7 @@ A campaign document (``host/campaign.py``) lists its runs in order; each run is 
 ``lateness_cdf.png``
     Timer family.  The lateness CDF of each timer mode: the guests' lateness HDR
     histograms (base64 HdrHistogram V2 text, one per vCPU) merged with
-    :func:`vtick.host.metrics.merge_hdr`, walked bucket by bucket with
+    :func:`vtick.host.lab.metrics.merge_hdr`, walked bucket by bucket with
     ``get_recorded_iterator()`` and drawn as a step function (x: lateness in µs, log
     scale; y: fraction of timer events at most that late).  A log axis has no zero, so
     zero values (if any) are drawn at the axis's left edge, half the smallest non-zero
@@ -49,7 +49,7 @@ from hdrh.histogram import HdrHistogram
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vtick.host.metrics import merge_hdr
+from vtick.host.lab.metrics import merge_hdr
 
 __all__ = [
     "write_plots",

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vtick.host.launcher import RunFailed, RunInterrupted, RunOptions, launch
-from vtick.host.metrics import run_metrics
+from vtick.host.lab.launcher import RunFailed, RunInterrupted, RunOptions, launch
+from vtick.host.lab.metrics import run_metrics
 
 __all__ = ["CampaignOptions", "run_campaign", "environment", "RESULTS_VERSION"]
 

@@ -12,7 +12,7 @@ import statistics
 
 import trio
 
-from vtick.host.campaign import CampaignOptions, run_campaign
+from vtick.host.lab.campaign import CampaignOptions, run_campaign
 
 __all__ = ["run_recording_bench"]
 

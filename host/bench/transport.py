@@ -2,8 +2,8 @@
 
 Three paths, measured in the same run, each between two real processes:
 
-* ``vtick exit``: this process acts as a vCPU (the real guest link, codec and trio
-  driver) against a real ``vtick host`` process; each sample is one
+* ``vtick exit``: the guest program ``vtick.guest.exitbench`` acts as a vCPU (the real
+  guest link, codec and trio driver) against a real ``vtick host`` process; each sample is one
   ``exit-hypercall`` -> ``exit-reply`` round trip through the host's real dispatch.
   Measured twice: receiving with trio's ``wait_readable`` on nng's notification fd
   (vtick's default) and with pynng's ``arecv``, on both ends.
@@ -17,6 +17,7 @@ The ``ratio`` line is vtick's median over the socketpair median.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -83,7 +84,7 @@ def _bench_socketpair(count: int, warmup: int) -> HdrHistogram:
         [
             sys.executable,
             "-m",
-            "vtick.host.bench_transport",
+            "vtick.host.bench.transport",
             "echo-socketpair",
             str(child.fileno()),
         ],
@@ -111,7 +112,7 @@ def _bench_nng(count: int, warmup: int, run_dir: str) -> HdrHistogram:
 
     url = f"ipc://{run_dir}/echo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vtick.host.bench_transport", "echo-nng", url],
+        [sys.executable, "-m", "vtick.host.bench.transport", "echo-nng", url],
         stdout=subprocess.PIPE,
     )
     hist = _hist()
@@ -137,8 +138,7 @@ def _bench_nng(count: int, warmup: int, run_dir: str) -> HdrHistogram:
 async def _bench_vtick(
     count: int, warmup: int, run_dir: str, recv_method: str
 ) -> tuple[HdrHistogram, HdrHistogram]:
-    from vtick.guest.vcpu import GuestConfig, GuestVcpu
-    from vtick.proto.transport import RECV_METHOD_ENV, PairEndpoint, link_url
+    from vtick.proto.transport import RECV_METHOD_ENV
 
     token = secrets.token_bytes(32)
     url = f"ipc://{run_dir}/link-{recv_method}"
@@ -161,27 +161,33 @@ async def _bench_vtick(
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
-    rtt = _hist()
-    host_side = _hist()
     try:
         assert host.stdout is not None
         with trio.fail_after(15):
             line = await host.stdout.receive_some(100)
         if not line.startswith(b"READY"):
             raise RuntimeError(f"host did not start: {line!r}")
-        vcpu = GuestVcpu(GuestConfig(connect=url, vcpu=0, token=token))
-        vcpu.ep = PairEndpoint.dial(link_url(url, 0), vcpu.link.max_message, recv_method)
-        async with trio.open_nursery() as nursery:
-            await vcpu.connect(nursery)
-            msg = m.ExitHypercall(nr=BENCH_NR, args=[1, 2, 3, 4])
-            for i in range(warmup + count):
-                t0 = time.perf_counter_ns()
-                reply = await vcpu.exit(msg)
-                if i >= warmup:
-                    rtt.record_value(time.perf_counter_ns() - t0)
-                    host_side.record_value(max(1, reply.host_ns))
-            nursery.cancel_scope.cancel()
-        vcpu.ep.close()
+        # the vCPU end is the real guest program (the host never imports the guest)
+        guest = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "vtick.guest.exitbench",
+                "--connect",
+                url,
+                "--count",
+                str(count),
+                "--warmup",
+                str(warmup),
+                "--nr",
+                str(BENCH_NR),
+            ],
+            env=env,
+            capture_stdout=True,
+        )
+        hists = json.loads(guest.stdout)
+        rtt = HdrHistogram.decode(hists["rtt"])
+        host_side = HdrHistogram.decode(hists["host"])
     finally:
         if host.returncode is None:
             os.killpg(host.pid, signal.SIGKILL)

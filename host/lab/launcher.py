@@ -72,6 +72,13 @@ def describe_status(returncode: int) -> str:
 
 
 def _child_cmd(*args: str) -> list[str]:
+    """``vtick host ...`` or ``vtick guest ...`` as a child of this interpreter.
+
+    The guest is started as ``python -m vtick.guest`` directly (what ``vtick guest``
+    execs), so a vCPU process pays for one interpreter start, not two.
+    """
+    if args[:1] == ("guest",):
+        return [sys.executable, "-m", "vtick.guest", *args[1:]]
     return [sys.executable, "-m", "vtick.host", *args]
 
 

@@ -1,0 +1,3 @@
+from vtick.guest.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""``vtick bench``: benchmarks that compare against a baseline measured in the same run."""

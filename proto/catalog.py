@@ -1,0 +1,55 @@
+"""Names both sides agree on: timer modes, APIC access variants, IPI paths, workloads,
+preemption points and the guest memory locations the host keeps.
+
+They travel in ``welcome`` (``mode``, ``apic``, ``ipi``, ``workload``) and on the command
+lines of ``vtick run``, ``vtick host`` and ``vtick guest``, so they are protocol facts and
+live here, once.  The guest keys its implementations by these names and checks at import
+that it implements exactly these (``vtick.guest.kernel``, ``vtick.guest.apic``,
+``vtick.guest.workload``); the host validates options against them without importing the
+guest.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIC_NAMES",
+    "CPU_ONLINE",
+    "IPI_VARIANT_NAMES",
+    "MODE_NAMES",
+    "PREEMPT_CSD_WAIT",
+    "PREEMPT_DELTA_TO_DEVICE",
+    "PREEMPT_ICR_IDLE_TO_WRITE",
+    "PREEMPTION_POINTS",
+    "WORKLOAD_NAMES",
+]
+
+#: timer modes: how the guest programs its clock-event device (docs/guest.md)
+MODE_NAMES = (
+    "lapic-xapic",
+    "lapic-x2apic",
+    "lapic-periodic",
+    "tsc-deadline",
+    "vmi",
+    "pv-ktime",
+    "pv-delta",
+    "pv-future",
+)
+
+#: APIC access variants (the guest's ``struct apic`` ops tables)
+APIC_NAMES = ("xapic", "x2apic", "vmi", "kvm-pv")
+
+#: IPI paths for smp_call_function
+IPI_VARIANT_NAMES = ("xapic-shortcut", "xapic-mask", "x2apic", "pv")
+
+#: guest workloads
+WORKLOAD_NAMES = ("timers", "tick", "ipi", "mixed")
+
+#: named places in the guest's kernel paths where a delay can be injected
+PREEMPT_DELTA_TO_DEVICE = "clockevents.delta_to_device"
+PREEMPT_ICR_IDLE_TO_WRITE = "apic.icr_idle_to_write"
+PREEMPT_CSD_WAIT = "smp.csd_wait"
+PREEMPTION_POINTS = (PREEMPT_DELTA_TO_DEVICE, PREEMPT_ICR_IDLE_TO_WRITE, PREEMPT_CSD_WAIT)
+
+#: the csd "function" name of a cpu_online store: guest memory that outlives the store,
+#: so the host keeps the last one per (src, dst) and replays it to a vCPU that comes up
+CPU_ONLINE = "cpu_online"
