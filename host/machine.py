@@ -128,6 +128,8 @@ class VcpuState:
     injected: int = 0
     #: feature bits negotiated in this vCPU's handshake; devices gate on them
     features: int = 0
+    #: model bugs caught outside an exit (a timer callback that raised)
+    bugs: list[str] = field(default_factory=list)
 
     lapic: Lapic = field(init=False)
     #: MSR_KVM_PV_EOI_EN as last written, and the vector whose EOI the vCPU may do by
@@ -409,7 +411,12 @@ class Machine:
         for handle in self.hrtimers.expire(now):
             callback = self._timer_callbacks.pop(handle)
             name, vcpu = handle
-            callback(self.vcpus[vcpu], now)
+            try:
+                callback(self.vcpus[vcpu], now)
+            except Exception as exc:
+                # A device model bug in one timer must not stop the others (nor the
+                # host): recorded against its vCPU and reported in the results.
+                self.vcpus[vcpu].bugs.append(f"timer {name} at {now}: {exc!r}")
         self._flush_irqs(now)
 
     def next_deadline(self) -> int | None:

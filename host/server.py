@@ -128,6 +128,8 @@ class VcpuLink:
         self.session_pipe: int | None = None
         self.sessions = 0
         self.pipes = Counter[str]()
+        #: frames whose handling raised (each ended the session; see run())
+        self.host_bugs = 0
 
     @property
     def name(self) -> str:
@@ -189,38 +191,58 @@ class VcpuLink:
                 data, pipe = await self.ep.recv()
             except pynng.Closed:
                 return
-            now = monotonic_ns()
-            if self.state is LinkState.WAIT_HELLO or self.link is None:
-                await self._handshake(data, pipe, now)
-                continue
-            if pipe.id != self.session_pipe:
-                # Not the pipe the session lives on: a new process or a resumed one says
-                # hello first; anything else is left over from a previous pipe (a dead
-                # process's last frames) and must not be read as this session's.
-                if self._try_hello(data) is not None:
-                    await self._handshake(data, pipe, now)
-                else:
-                    self.stale_frames += 1
-                continue
             try:
-                msgs = self.link.receive(data, now)
-            except ProtocolError as exc:
-                # Could be a stranger on a replaced pipe, or a fresh guest process whose
-                # hello we must still see: only a hello decodes without a session.
-                hello = self._try_hello(data)
-                if hello is not None:
-                    await self._handshake(data, pipe, now)
-                    continue
-                self.bad_messages += 1
-                self.record_error(f"protocol error, dropping pipe: {exc}")
-                await self._raw_reply(pipe, m.Error(code=exc.code, reason=str(exc)[:500]))
-                continue
-            for msg in msgs:
-                await self._dispatch(msg, data, pipe, now)
-            if self.link is not None and self.link.ack_owed():
-                self.send(m.Ack(), now)
-            self.flush()
-            self.host.kick_if_needed()
+                await self._on_frame(data, pipe)
+            except Exception as exc:
+                # The guard: whatever one frame triggers (a model bug, a reply that cannot
+                # be encoded, a link-layer surprise) ends this link, never the host.
+                await self._contain(exc, pipe)
+
+    async def _contain(self, exc: Exception, pipe: pynng.Pipe) -> None:
+        """A frame's handling raised: record it, tell the peer, end this session."""
+        traceback.print_exc()
+        reason = f"host bug handling a frame, link ended: {exc!r}"[:500]
+        self.host_bugs += 1
+        if self.link is not None:
+            self.fail(reason)
+        else:
+            self.record_error(reason)
+        await self._raw_reply(pipe, m.Error(code=ErrorCode.INTERNAL, reason=reason))
+
+    async def _on_frame(self, data: bytes, pipe: pynng.Pipe) -> None:
+        """Handle one frame from this link (run() guards it)."""
+        now = monotonic_ns()
+        if self.state is LinkState.WAIT_HELLO or self.link is None:
+            await self._handshake(data, pipe, now)
+            return
+        if pipe.id != self.session_pipe:
+            # Not the pipe the session lives on: a new process or a resumed one says
+            # hello first; anything else is left over from a previous pipe (a dead
+            # process's last frames) and must not be read as this session's.
+            if self._try_hello(data) is not None:
+                await self._handshake(data, pipe, now)
+            else:
+                self.stale_frames += 1
+            return
+        try:
+            msgs = self.link.receive(data, now)
+        except ProtocolError as exc:
+            # Could be a stranger on a replaced pipe, or a fresh guest process whose
+            # hello we must still see: only a hello decodes without a session.
+            hello = self._try_hello(data)
+            if hello is not None:
+                await self._handshake(data, pipe, now)
+                return
+            self.bad_messages += 1
+            self.record_error(f"protocol error, dropping pipe: {exc}")
+            await self._raw_reply(pipe, m.Error(code=exc.code, reason=str(exc)[:500]))
+            return
+        for msg in msgs:
+            await self._dispatch(msg, data, pipe, now)
+        if self.link is not None and self.link.ack_owed():
+            self.send(m.Ack(), now)
+        self.flush()
+        self.host.kick_if_needed()
 
     def _try_hello(self, data: bytes) -> m.Hello | None:
         try:
@@ -267,6 +289,15 @@ class VcpuLink:
                 self.refused["unknown session"] += 1
                 self.log(f"refused pid {hello.pid}: {reason}")
                 await self._raw_reply(pipe, m.Refuse(code=ErrorCode.UNEXPECTED, reason=reason))
+                return
+            try:
+                # checked before anything changes: a buggy vCPU's resume must not end
+                # the session (nor the host); it gets an error and loses this pipe
+                link.check_peer_ack(frame.ack)
+            except ProtocolError as exc:
+                self.bad_messages += 1
+                self.record_error(f"resume refused, dropping pipe {pipe.id}: {exc}")
+                await self._raw_reply(pipe, m.Error(code=exc.code, reason=str(exc)[:500]))
                 return
             # Same process, new pipe: continue the session, retransmit what it lacks.
             self.session_pipe = pipe.id
@@ -355,6 +386,14 @@ class VcpuLink:
             except Exception as exc:  # a model bug must not take the other vCPUs down
                 traceback.print_exc()
                 self.record_error(f"host bug handling {exit_reason(msg)}: {exc!r}")
+                result = ExitResult(fault=Fault.GP)
+            if not -(1 << 63) <= result.value < (1 << 64) or not 0 <= result.fault < 256:
+                # the reply could not be encoded (exit-reply.value is i64 / u64): a
+                # model bug, answered like any other one
+                self.record_error(
+                    f"host bug handling {exit_reason(msg)}: reply {result.value:#x} "
+                    f"fault {result.fault} not representable"
+                )
                 result = ExitResult(fault=Fault.GP)
             host_ns = time.perf_counter_ns() - t0
             modeled = self.host.exit_cost.cost_ns(msg) if self.host.exit_cost else 0
@@ -622,6 +661,7 @@ class Host:
                 "relayed_stores": vl.relayed,
                 "pipes": dict(vl.pipes),
                 "link_errors": list(vl.errors),
+                "host_bugs": vl.host_bugs + len(self.machine.vcpus[vl.vcpu].bugs),
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,
             }
             if vl.report is not None:
@@ -671,7 +711,10 @@ class Host:
             "wall_ns": ended_ns - (self.started_at or ended_ns),
             "vcpus": vcpus,
             "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
-            "ok": all(not e["link_errors"] and e["guest"] is not None for e in vcpus),
+            "ok": all(
+                not e["link_errors"] and e["guest"] is not None and not e["host_bugs"]
+                for e in vcpus
+            ),
         }
 
 

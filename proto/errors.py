@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     UNEXPECTED = 9  # a valid message at a time the protocol does not allow it
     LOST = 10  # the link lost sequenced messages it cannot recover
     SHUTTING_DOWN = 11
+    INTERNAL = 12  # the receiver failed handling the frame (its bug); the session is ended
 
 
 class ProtocolError(Exception):

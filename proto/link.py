@@ -172,12 +172,20 @@ class Link:
         self.stats.resends_requested += 1
         self.send(Ack(resend=True), 0)
 
-    def _on_ack(self, ack: int, now: int) -> None:
+    def check_peer_ack(self, ack: int) -> None:
+        """Raise RemoteProtocolError if the peer acknowledges more than was ever sent.
+
+        Changes nothing, so a caller can refuse a frame (a resume hello, say) before it
+        acts on any part of it.
+        """
         if ack >= self.send_next:
             raise RemoteProtocolError(
                 ErrorCode.UNEXPECTED,
                 f"{self.name}: peer acknowledges {ack} but only {self.send_next - 1} were sent",
             )
+
+    def _on_ack(self, ack: int, now: int) -> None:
+        self.check_peer_ack(ack)
         if ack <= self.peer_acked:
             return
         self.peer_acked = ack

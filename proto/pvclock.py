@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from vtick.proto.clockmath import NSEC_PER_SEC, kvm_get_time_scale, pvclock_scale_delta
+from vtick.proto.clockmath import NSEC_PER_SEC, U64_MASK, kvm_get_time_scale, pvclock_scale_delta
 
 __all__ = [
     "PVCLOCK_TSC_STABLE_BIT",
@@ -79,12 +79,20 @@ class TscModel:
             flags=PVCLOCK_TSC_STABLE_BIT | PVCLOCK_COUNTS_FROM_ZERO,
         )
 
-    def host_ns_for_ktime(self, info: PvclockInfo, ktime: int) -> int:
-        """The earliest host time at which the guest reads ktime >= ``ktime`` through ``info``.
+    def host_ns_for_ktime(self, info: PvclockInfo, ktime: int) -> int | None:
+        """The earliest host time at which the guest reads ktime >= ``ktime`` through
+        ``info``, or None when no such time exists.
 
         Only host times whose TSC is at or after ``tsc_timestamp`` count: before it the
         guest's unsigned delta would wrap.  A target at or before ``system_time`` is
         therefore answered with the first host ns of the publication's TSC tick.
+
+        The guest's reading is monotonic only while the 64-bit TSC has not wrapped and
+        ``pvclock_scale_delta``'s left shift has not overflowed (:meth:`max_tsc`); a
+        target beyond the last reading of that range is never reached (at 2.5 GHz the
+        TSC wraps after 7.38e18 ns, so KTIME_MAX is unreachable) and the answer is None,
+        which callers treat as "never", as Linux and KVM treat KTIME_MAX.  Every search
+        below is confined to that range, so no value from the wire can make it loop.
 
         Guest ktime runs at 1 ns/ns up to mul/shift rounding, so the exact answer for a
         perfect clock is nearly always right or one correction away; it is accepted only
@@ -95,25 +103,40 @@ class TscModel:
         start = self.host_ns_for_tsc(info.tsc_timestamp)
         if ktime <= info.system_time:
             return start
+        last_tsc = self.max_tsc(info)
+        if info.ktime(last_tsc) < ktime:
+            return None
+        # the last host ns whose TSC still reads at most last_tsc
+        cap = self.host_ns_for_tsc(last_tsc + 1) - 1
 
         def reached(t: int) -> bool:
-            return t >= start and info.ktime(self.tsc(t)) >= ktime
+            return t >= start and info.ktime(self.tsc(min(t, cap))) >= ktime
 
         t = ktime + self.ktime_epoch
         for _ in range(2):
-            t = max(t + ktime - info.ktime(self.tsc(max(t, start))), start)
+            probe = min(max(t, start), cap)
+            t = max(t + ktime - info.ktime(self.tsc(probe)), start)
+        t = min(t, cap)
         if reached(t) and not reached(t - 1):
             return t
-        lo, hi = start, max(t, start + 1)
-        while not reached(hi):
-            hi += (hi - start) + 1
-        while lo < hi:  # smallest t in [lo, hi] with reached(t)
+        lo, hi = start, cap  # reached(cap) holds: the smallest t in [lo, hi] with it
+        while lo < hi:
             mid = (lo + hi) // 2
             if reached(mid):
                 hi = mid
             else:
                 lo = mid + 1
         return lo
+
+    @staticmethod
+    def max_tsc(info: PvclockInfo) -> int:
+        """The last guest TSC value whose ktime reading through ``info`` is monotonic:
+        the 64-bit TSC's last value, or earlier if ``delta << tsc_shift`` would overflow
+        64 bits (``pvclock_scale_delta`` shifts left when the TSC is slower than 1 GHz)."""
+        last = U64_MASK
+        if info.tsc_shift > 0:
+            last = min(last, info.tsc_timestamp + (1 << (64 - info.tsc_shift)) - 1)
+        return max(last, info.tsc_timestamp)
 
     def host_ns_for_tsc(self, tsc: int) -> int:
         """The earliest host ns t at which the guest TSC reads ``>= tsc`` (never early)."""

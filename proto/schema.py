@@ -121,6 +121,13 @@ class Choice(Validator):
     options: list[Validator]
 
     def check(self, value: Any, path: str) -> None:
+        if all(isinstance(o, IntRange) and o.lo == o.hi for o in self.options):
+            # a choice of integer literals (``mmio-size = 1 / 2 / 4 / 8``): say so plainly
+            allowed = [o.lo for o in self.options if isinstance(o, IntRange)]
+            if type(value) is int and value in allowed:
+                return
+            shown = value if type(value) is int else _describe(value)
+            raise ValidationError(path, f"{shown} is not one of {', '.join(map(str, allowed))}")
         problems = []
         for option in self.options:
             try:

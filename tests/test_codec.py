@@ -14,6 +14,9 @@ from vtick.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolErro
 from vtick.proto.schema import schema_text
 
 U8 = st.integers(0, 2**8 - 1)
+#: access sizes the CDDL admits (mmio-size, pio-size)
+MMIO_SIZE = st.sampled_from([1, 2, 4, 8])
+PIO_SIZE = st.sampled_from([1, 2, 4])
 U16 = st.integers(0, 2**16 - 1)
 U32 = st.integers(0, 2**32 - 1)
 U64 = st.integers(0, 2**64 - 1)
@@ -82,15 +85,17 @@ STRATEGIES = {
     m.Error: st.builds(m.Error, code=U16, reason=TEXT),
     m.Ping: st.builds(m.Ping, t=U64),
     m.Pong: st.builds(m.Pong, t=U64, host=U64),
-    m.ExitMmioRead: st.builds(m.ExitMmioRead, gpa=U64, size=U8, pv_eoi=st.none() | st.booleans()),
+    m.ExitMmioRead: st.builds(
+        m.ExitMmioRead, gpa=U64, size=MMIO_SIZE, pv_eoi=st.none() | st.booleans()
+    ),
     m.ExitMmioWrite: st.builds(
-        m.ExitMmioWrite, gpa=U64, size=U8, value=U64, pv_eoi=st.none() | st.booleans()
+        m.ExitMmioWrite, gpa=U64, size=MMIO_SIZE, value=U64, pv_eoi=st.none() | st.booleans()
     ),
     m.ExitMsrRead: st.builds(m.ExitMsrRead, msr=U32, pv_eoi=st.none() | st.booleans()),
     m.ExitMsrWrite: st.builds(m.ExitMsrWrite, msr=U32, value=U64, pv_eoi=st.none() | st.booleans()),
-    m.ExitPioIn: st.builds(m.ExitPioIn, port=U16, size=U8, pv_eoi=st.none() | st.booleans()),
+    m.ExitPioIn: st.builds(m.ExitPioIn, port=U16, size=PIO_SIZE, pv_eoi=st.none() | st.booleans()),
     m.ExitPioOut: st.builds(
-        m.ExitPioOut, port=U16, size=U8, value=U32, pv_eoi=st.none() | st.booleans()
+        m.ExitPioOut, port=U16, size=PIO_SIZE, value=U32, pv_eoi=st.none() | st.booleans()
     ),
     m.ExitHypercall: st.builds(
         m.ExitHypercall, nr=U64, args=st.lists(U64, max_size=4), pv_eoi=st.none() | st.booleans()
@@ -184,6 +189,7 @@ def test_intenum_values_go_on_the_wire_as_plain_ints():
 # ---------------------------------------------------------------- negative vectors
 
 BASE = {"k": 16, "s": 1, "a": 0, "gpa": 0xFEE00000, "size": 4}  # exit-mmio-read
+INJECT = {"k": 33, "s": 1, "a": 0, "vector": 0xEC, "host_time": 5}
 HELLO = {
     "k": 1,
     "s": 0,
@@ -219,7 +225,9 @@ SCHEMA_INVALID = [
     ("missing-envelope", _without(BASE, "a"), ErrorCode.BAD_FIELD, "missing field 'a'"),
     ("extra-field", _with(BASE, x=1), ErrorCode.BAD_FIELD, "unknown field 'x'"),
     ("wrong-type", _with(BASE, gpa="0"), ErrorCode.BAD_FIELD, "gpa: expected int, got tstr"),
-    ("u8-256", _with(BASE, size=256), ErrorCode.BAD_FIELD, "size: 256 out of range 0..255"),
+    ("size-256", _with(BASE, size=256), ErrorCode.BAD_FIELD, "size: 256 is not one of 1, 2, 4, 8"),
+    ("size-16", _with(BASE, size=16), ErrorCode.BAD_FIELD, "size: 16 is not one of 1, 2, 4, 8"),
+    ("u8-256", _with(INJECT, vector=256), ErrorCode.BAD_FIELD, "vector: 256 out of range 0..255"),
     ("negative-uint", _with(BASE, gpa=-1), ErrorCode.BAD_FIELD, "gpa: -1 out of range"),
     ("negative-seq", _with(BASE, s=-1), ErrorCode.BAD_FIELD, "s: -1 out of range"),
     (
@@ -264,8 +272,8 @@ SCHEMA_INVALID = [
     ),
     ("unknown-kind", _with(BASE, k=99), ErrorCode.UNKNOWN_KIND, "unknown message kind 99"),
     ("no-kind", _without(BASE, "k"), ErrorCode.BAD_FIELD, "no integer kind"),
-    ("bool-for-int", _with(BASE, size=True), ErrorCode.BAD_FIELD, "expected int, got bool"),
-    ("float-for-int", _with(BASE, size=4.0), ErrorCode.BAD_FIELD, "expected int, got float"),
+    ("bool-for-int", _with(BASE, gpa=True), ErrorCode.BAD_FIELD, "expected int, got bool"),
+    ("float-for-int", _with(BASE, gpa=4.0), ErrorCode.BAD_FIELD, "expected int, got float"),
     ("int-for-bool", _with({"k": 4, "s": 0, "a": 0}, resend=1), ErrorCode.BAD_FIELD, "bool"),
     (
         "bignum-tag-2",

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import pynng
 import pytest
 import trio
+from hostproc import VTICK, StandaloneHost, raw_hello, say_hello
 
 from vtick.host.lab.launcher import RunOptions, launch
 from vtick.proto import messages as m
@@ -33,8 +33,6 @@ from vtick.proto.errors import ErrorCode
 from vtick.proto.transport import link_url
 
 pytestmark = pytest.mark.processes
-
-VTICK = [sys.executable, "-m", "vtick.host"]
 
 
 @pytest.fixture
@@ -311,65 +309,6 @@ def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
 # ---------------------------------------------------------------------- a standalone host
 
 
-class StandaloneHost:
-    """``vtick host`` in a private 0700 directory, with its token in the environment."""
-
-    def __init__(self, vcpus: int, duration: float, *extra: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="vtick-test-")
-        self.url = f"ipc://{self.dir}/link"
-        self.token = secrets.token_bytes(32)
-        self.results = os.path.join(self.dir, "results.json")
-        self.env = dict(os.environ, VTICK_TOKEN=self.token.hex())
-        self.proc = subprocess.Popen(
-            [
-                *VTICK,
-                "host",
-                "--listen",
-                self.url,
-                "--vcpus",
-                str(vcpus),
-                "--duration",
-                str(duration),
-                "--results",
-                self.results,
-                *extra,
-            ],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().startswith("READY")
-
-    def guest(self, vcpu: int, token: bytes | None = None, *extra: str) -> subprocess.Popen:
-        env = dict(self.env, VTICK_TOKEN=(token or self.token).hex())
-        return subprocess.Popen(
-            [*VTICK, "guest", "--connect", self.url, "--vcpu", str(vcpu), *extra],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def finish(self, timeout: float = 40) -> tuple[int, dict, str]:
-        _, err = self.proc.communicate(timeout=timeout)
-        with open(self.results) as fh:
-            results = json.load(fh)
-        return self.proc.returncode, results, err
-
-    def cleanup(self) -> None:
-        killed = self.proc.poll() is None
-        if killed:  # the test failed early; a SIGKILLed host cannot tidy up
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.communicate()
-        leftovers = [n for n in os.listdir(self.dir) if n != "results.json"]
-        shutil.rmtree(self.dir)
-        if not killed:
-            assert leftovers == [], f"host left behind {leftovers}"
-
-
 def test_wrong_token_and_garbage_are_refused_and_others_served() -> None:
     host = StandaloneHost(vcpus=1, duration=1.0)
     try:
@@ -494,38 +433,17 @@ async def test_launch_reports_bad_listen_url(tmp_path, private_tmp) -> None:
     assert _leftovers(private_tmp) == [], "a refused run must not leave a run directory"
 
 
-def _raw_hello(token: bytes, pid: int, resume: int | None = None, vcpu: int = 0) -> bytes:
-    hello = m.Hello(version=1, features=3, vcpu=vcpu, token=token, pid=pid, resume=resume)
-    return encode(hello, 0, 0)
-
-
-def _say_hello(raw: pynng.Pair0, token: bytes, pid: int, vcpu: int) -> m.Message:
-    """Send hello until answered, as a vCPU does: a hello sent into a pipe that Pair0 then
-    rejects (the host had not dropped the previous pipe yet) is lost without an error."""
-    raw.recv_timeout = 300
-    try:
-        for _ in range(30):
-            raw.send(_raw_hello(token, pid=pid, vcpu=vcpu))
-            try:
-                return decode(raw.recv()).msg
-            except pynng.Timeout:
-                continue
-    finally:
-        raw.recv_timeout = 5000
-    raise AssertionError("no answer to hello")
-
-
 def test_repeated_hello_is_answered_with_the_same_session_and_bogus_resume_refused() -> None:
     host = StandaloneHost(1, 1.0, "--connect-timeout", "3", "--report-timeout", "1")
     try:
         with pynng.Pair0(dial=link_url(host.url, 0), recv_timeout=3000) as raw:
-            raw.send(_raw_hello(host.token, pid=4242))
-            raw.send(_raw_hello(host.token, pid=4242))
+            raw.send(raw_hello(host.token, pid=4242))
+            raw.send(raw_hello(host.token, pid=4242))
             first, second = decode(raw.recv()), decode(raw.recv())
             assert isinstance(first.msg, m.Welcome)
             assert isinstance(second.msg, m.Welcome)
             assert first.msg.session == second.msg.session
-            raw.send(_raw_hello(host.token, pid=4242, resume=first.msg.session ^ 1))
+            raw.send(raw_hello(host.token, pid=4242, resume=first.msg.session ^ 1))
             refusal = decode(raw.recv())
             assert isinstance(refusal.msg, m.Refuse)
             assert "unknown" in refusal.msg.reason
@@ -611,7 +529,7 @@ def test_hostile_frames_in_session_get_errors_and_the_host_serves_on() -> None:
         # the run's clock starts once both vCPUs said hello: the hostile sequence first
         for what, frame, code in HOSTILE_FRAMES:
             with pynng.Pair0(dial=link_url(host.url, 1), recv_timeout=5000) as raw:
-                assert isinstance(_say_hello(raw, host.token, pid=777, vcpu=1), m.Welcome), what
+                assert isinstance(say_hello(raw, host.token, pid=777, vcpu=1), m.Welcome), what
                 raw.send(frame)
                 reply = decode(raw.recv())
                 while isinstance(reply.msg, m.Welcome):  # the answer to a repeated hello

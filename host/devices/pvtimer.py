@@ -66,6 +66,7 @@ class PvTimerStats:
     shutdowns: int = 0  # VTICK_TIMER_SHUTDOWN calls
     cancelled: int = 0  # shutdowns that disarmed a pending expiry
     rearmed: int = 0  # armed expiries recomputed after a pvclock re-publication
+    never: int = 0  # accepted programs whose expiry the guest clock never reaches (disarm)
 
 
 class PvTimer:
@@ -134,7 +135,10 @@ class PvTimer:
             return
         self.stats[vcpu.vcpu].rearmed += 1
         host_expiry = self.machine.tsc.host_ns_for_ktime(vcpu.pvclock, expiry)
-        if host_expiry <= now:
+        if host_expiry is None:  # unreachable through the new clock: never
+            self.armed.pop(vcpu.vcpu, None)
+            self.machine.cancel_timer(TIMER, vcpu)
+        elif host_expiry <= now:
             self.machine.cancel_timer(TIMER, vcpu)
             self._fire(vcpu, now)
         else:
@@ -153,6 +157,16 @@ class PvTimer:
         """Arm ``vcpu``'s timer for guest ktime ``expiry`` (fire at once if it is due)."""
         stats = self.stats[vcpu.vcpu]
         host_expiry = self.machine.tsc.host_ns_for_ktime(vcpu.pvclock, expiry)
+        if host_expiry is None:
+            # An expiry the guest's clock never reaches (KTIME_MAX included) means
+            # "never": clockevents programs KTIME_MAX to stop the device
+            # (clockevents_program_event, CLOCK_EVT_STATE_ONESHOT_STOPPED), and KVM's
+            # hrtimer for such a deadline never fires.  Disarm; the call succeeds.
+            stats.programs += 1
+            stats.never += 1
+            stats.replaced += self.machine.cancel_timer(TIMER, vcpu)
+            self.armed.pop(vcpu.vcpu, None)
+            return 0
         if host_expiry <= now:
             if flags & PV_TIMER_FUTURE:
                 stats.etime += 1

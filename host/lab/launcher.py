@@ -33,6 +33,9 @@ from vtick.proto.transport import link_url
 __all__ = ["RunOptions", "RunFailed", "RunInterrupted", "launch", "describe_status"]
 
 READY_TIMEOUT_S = 15.0
+#: beyond the run's duration: the host's connect timeout (30 s) and report timeout (10 s)
+#: plus slack; a host still running then has stopped answering
+HOST_GRACE_S = 60.0
 TERM_GRACE_S = 2.0
 
 
@@ -60,6 +63,8 @@ class RunOptions:
     preempt: dict[str, int] = field(default_factory=dict)
     exit_cost: str | None = None
     trace: bool = False
+    #: seconds past the duration after which a still-running host has stopped answering
+    host_grace_s: float = HOST_GRACE_S
 
 
 def describe_status(returncode: int) -> str:
@@ -186,7 +191,16 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                 children.add(f"vCPU {i}", proc)
             for name, proc in children.procs:
                 nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
-            await host.wait()
+            with trio.move_on_after(opts.duration_s + opts.host_grace_s):
+                await host.wait()
+            if host.returncode is None and not failure:
+                # a host that neither finishes nor dies has stopped answering: say so,
+                # and the cleanup below ends it (SIGCONT, SIGTERM, then SIGKILL)
+                failure.append(
+                    f"host (pid {host.pid}) stopped answering: still running "
+                    f"{opts.host_grace_s:g} s after the run's {opts.duration_s:g} s"
+                )
+                nursery.cancel_scope.cancel()
             # the host is done; the vCPUs follow within moments
             with trio.move_on_after(5):
                 for _, proc in children.procs:
