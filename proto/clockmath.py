@@ -1,8 +1,9 @@
 """Fixed-point time math shared by host and guest: the one place for it.
 
 Every function is bit-exact with the Linux or KVM routine of the same name, including
-u32/u64 wrap-around (sources: docs/design.md section 8, rows 3, 7 and 8).  Python ints do not wrap, so each intermediate that is a u32 or u64 in C is
-masked explicitly where the C code could overflow.
+u32/u64 wrap-around (sources: docs/design.md section 8, rows 3, 7 and 8).  Python ints
+do not wrap, so each intermediate that is a u32 or u64 in C is masked explicitly where
+the C code could overflow.
 """
 
 from __future__ import annotations
