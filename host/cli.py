@@ -67,6 +67,27 @@ def _choices(allowed: list[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def _mutation(text: str) -> str:
+    from vtick.host.mutations import MUTATIONS
+
+    if text not in MUTATIONS:
+        known = ", ".join(sorted(MUTATIONS)) or "none yet"
+        raise argparse.ArgumentTypeError(f"unknown mutation {text!r} (known: {known})")
+    return text
+
+
+def _mutate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mutate",
+        type=_mutation,
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="TEST AID: plant the named bug in the host to prove a checker catches it "
+        "(the run's figures are then wrong on purpose; listed in vtick.host.mutations)",
+    )
+
+
 def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed")
     p.add_argument(
@@ -172,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         help="workload parameter: timers, min_ns, max_ns, churn_pct, pause_ns, ipi_every_ns",
     )
     preempt_arg(run)
+    _mutate_arg(run)
 
     cmp = sub.add_parser("compare", help="print the differences between two results files")
     cmp.add_argument("a", help="results JSON of the first run")
@@ -212,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
     )
     _workload_args(host)
+    _mutate_arg(host)
 
     sub.add_parser(
         "guest",
@@ -257,6 +280,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         timer_advance=args.timer_advance,
         exit_cost=args.exit_cost,
         trace=args.trace,
+        mutations=tuple(args.mutate),
     )
     try:
         results = trio.run(serve, cfg)

@@ -27,6 +27,7 @@ from vtick.host.faults import GuestFault
 from vtick.host.hrtimer import HrtimerQueue
 from vtick.host.lapic.delivery import deliver
 from vtick.host.lapic.lapic import Lapic
+from vtick.host.mutations import Mutations
 from vtick.proto import apicdef as lapic_regs
 from vtick.proto import messages as m
 from vtick.proto.abi import Fault, KvmErrno
@@ -190,14 +191,29 @@ class _ApicPort:
 class Machine:
     """All vCPUs of one VM plus the host timer queue their devices share."""
 
-    def __init__(self, vcpus: int, tsc: TscModel, now: int, *, timer_advance: bool = False) -> None:
+    def __init__(
+        self,
+        vcpus: int,
+        tsc: TscModel,
+        now: int,
+        *,
+        timer_advance: bool = False,
+        mutations: Mutations | None = None,
+    ) -> None:
         self.tsc = tsc
+        #: planted bugs active in this VM (``vtick host --mutate``); none normally
+        self.mutations = mutations or Mutations()
         self.hrtimers = HrtimerQueue()
         self.vcpus = [VcpuState(i, self, tsc.publish(now, version=2)) for i in range(vcpus)]
         self._irq_dirty: set[int] = set()
         self._now = now  # the time of the entry point being run (for IPIs sent inside it)
         for state in self.vcpus:
-            state.lapic = Lapic(state.vcpu, _ApicPort(self, state), timer_advance=timer_advance)
+            state.lapic = Lapic(
+                state.vcpu,
+                _ApicPort(self, state),
+                timer_advance=timer_advance,
+                mutations=self.mutations,
+            )
         self.lapics = [state.lapic for state in self.vcpus]
         self._actions: list[Action] = []
         self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}

@@ -37,6 +37,7 @@ from vtick.host.devices.pvtimer import PvTimer
 from vtick.host.devices.vmi_alarm import VmiAlarm
 from vtick.host.exitcost import load_profile
 from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
+from vtick.host.mutations import MUTATIONS, Mutations
 from vtick.host.results import write_json
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
@@ -93,6 +94,8 @@ class HostConfig:
     trace: bool = False
     #: print a READY line on stdout once every link is listening (for the launcher)
     announce: bool = True
+    #: planted bugs (vtick.host.mutations), a test aid for checkers; none normally
+    mutations: tuple[str, ...] = ()
 
 
 class LinkState(Enum):
@@ -440,7 +443,14 @@ class Host:
         self.cfg = cfg
         now = monotonic_ns()
         self.tsc = TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
-        self.machine = Machine(cfg.vcpus, self.tsc, now, timer_advance=cfg.timer_advance)
+        self.mutations = Mutations(cfg.mutations, cfg.seed)
+        self.machine = Machine(
+            cfg.vcpus,
+            self.tsc,
+            now,
+            timer_advance=cfg.timer_advance,
+            mutations=self.mutations,
+        )
         self.exit_cost = load_profile(cfg.exit_cost) if cfg.exit_cost else None
         # Devices register themselves in the machine's dispatch tables.  The host reads
         # the real-time clock here, once; device models never read a clock.
@@ -707,7 +717,9 @@ class Host:
                 "apic": self.cfg.apic,
                 "hz": self.cfg.hz,
                 "ipi": self.cfg.ipi,
+                "mutations": list(self.cfg.mutations),
             },
+            "mutations_applied": self.mutations.as_dict() if self.mutations else None,
             "wall_ns": ended_ns - (self.started_at or ended_ns),
             "vcpus": vcpus,
             "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
@@ -762,6 +774,14 @@ async def serve(
             # installed before READY, so a signal right after READY still cleans up
             await nursery.start(watch_signals, interrupted)
             nursery.start_soon(watch_parent, nursery.cancel_scope)
+            for name in cfg.mutations:
+                print(
+                    f"vtick host: MUTATION ACTIVE: {name}: {MUTATIONS[name].breaks} "
+                    "(a planted bug for testing checkers; this run's figures are wrong on "
+                    "purpose)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if cfg.announce:
                 print(f"READY {cfg.listen}", flush=True)
             task_status.started(host)

@@ -41,6 +41,8 @@ class CampaignOptions:
     preempt: dict[str, int] = field(default_factory=dict)
     exit_cost: str | None = None
     trace: bool = False
+    #: planted bugs for every path's host (a test aid; vtick.host.mutations)
+    mutations: tuple[str, ...] = ()
 
     def runs(self) -> list[tuple[str, str]]:
         """(family, name) of every run, in order."""
@@ -93,6 +95,7 @@ async def run_campaign(
                 preempt=dict(opts.preempt),
                 exit_cost=opts.exit_cost,
                 trace=opts.trace,
+                mutations=opts.mutations,
             )
             entry: dict[str, Any] = {"family": family, "name": name}
             try:

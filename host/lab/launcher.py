@@ -63,6 +63,8 @@ class RunOptions:
     preempt: dict[str, int] = field(default_factory=dict)
     exit_cost: str | None = None
     trace: bool = False
+    #: planted bugs for the host (a test aid; vtick.host.mutations)
+    mutations: tuple[str, ...] = ()
     #: seconds past the duration after which a still-running host has stopped answering
     host_grace_s: float = HOST_GRACE_S
 
@@ -159,6 +161,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                     *(["--apic", opts.apic] if opts.apic else []),
                     *(["--ipi", opts.ipi] if opts.ipi else []),
                     *(["--exit-cost", opts.exit_cost] if opts.exit_cost else []),
+                    *[a for name in opts.mutations for a in ("--mutate", name)],
                     *(["--trace"] if opts.trace else []),
                     "--results",
                     host_results,

@@ -35,6 +35,7 @@ def run_main(args: argparse.Namespace) -> int:
         preempt=dict(args.preempt),
         exit_cost=args.exit_cost,
         trace=args.trace is not None,
+        mutations=tuple(args.mutate),
     )
     paths = opts.runs()
     if not paths:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 from vtick.host.faults import GuestFault
 from vtick.host.lapic.port import LapicPort
+from vtick.host.mutations import Mutations
 from vtick.proto import apicdef as r
 from vtick.proto.abi import Fault
 from vtick.proto.clockmath import tdcr_divisor
@@ -157,6 +158,7 @@ class Lapic:
         apic_bus_cycle_ns: int = r.APIC_BUS_CYCLE_NS,
         min_timer_period_ns: int = r.MIN_TIMER_PERIOD_NS,
         timer_advance: bool = False,
+        mutations: Mutations | None = None,
         cmci: bool = False,
         directed_eoi: bool = False,
         maxphyaddr: int = 40,
@@ -165,6 +167,8 @@ class Lapic:
             raise ValueError("apic_bus_cycle_ns must be positive")
         self.vcpu_id = vcpu_id
         self.port = port
+        #: planted bugs (vtick.host.mutations); empty outside checker tests
+        self.mutations = mutations or Mutations()
         self.stats = LapicStats()
         self._x2apic_cap = x2apic
         self._bsp = vcpu_id == 0 if bsp is None else bsp

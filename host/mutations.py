@@ -1,0 +1,82 @@
+"""Planted bugs: ``vtick host --mutate NAME`` breaks one documented behaviour on purpose.
+
+A test aid, never a mode of measurement.  The chaos checkers and the conformance suite
+are proven by catching each mutation: a checker that passes a mutated host checks
+nothing.  A mutated host says so loudly on stderr at start, and its results carry the
+names under ``config.mutations``, so no figure from such a run can pass for a real one.
+
+Each mutation is registered in :data:`MUTATIONS` with the behaviour it breaks and what
+must catch it; its hook lives at the place it breaks (a device model, the LAPIC, the
+server's link handling) and asks ``mutations.on(NAME)`` or ``mutations.sometimes(NAME)``.
+"Occasional" mutations draw from their own random stream seeded by the run's seed, so a
+mutated run is reproducible and stays pure (no clock, no global state).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["MUTATIONS", "Mutation", "Mutations"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    name: str
+    #: the documented behaviour it breaks
+    breaks: str
+    #: what must catch it (a chaos invariant or conformance case ids)
+    caught_by: str
+    #: for occasional mutations: act on about one in this many opportunities
+    one_in: int = 1
+
+
+#: every planted bug: one table; each hook cites its entry's name.  Entries are added
+#: with their hooks (the chaos and conformance issues).
+_TABLE: tuple[Mutation, ...] = ()
+
+#: every planted bug, by name
+MUTATIONS: dict[str, Mutation] = {mutation.name: mutation for mutation in _TABLE}
+
+
+class Mutations:
+    """The mutations active in one host, with a reproducible stream for occasional ones.
+
+    Raises:
+        ValueError: an unknown name (one line naming the known ones).
+    """
+
+    def __init__(self, names: Iterable[str] = (), seed: int = 1) -> None:
+        names = tuple(names)
+        unknown = [n for n in names if n not in MUTATIONS]
+        if unknown:
+            known = ", ".join(sorted(MUTATIONS)) or "none"
+            raise ValueError(f"unknown mutation {unknown[0]!r} (known: {known})")
+        self.active = frozenset(names)
+        self._rng = random.Random(f"vtick-mutations-{seed}")
+        #: how often each active mutation acted
+        self.applied: Counter[str] = Counter()
+
+    def __bool__(self) -> bool:
+        return bool(self.active)
+
+    def on(self, name: str) -> bool:
+        """True when ``name`` is active (counted as one application)."""
+        if name not in self.active:
+            return False
+        self.applied[name] += 1
+        return True
+
+    def sometimes(self, name: str) -> bool:
+        """True on about one in ``MUTATIONS[name].one_in`` calls while ``name`` is active."""
+        if name not in self.active:
+            return False
+        if self._rng.randrange(MUTATIONS[name].one_in) != 0:
+            return False
+        self.applied[name] += 1
+        return True
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: self.applied[name] for name in sorted(self.active)}
