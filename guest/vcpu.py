@@ -44,6 +44,7 @@ from vtick.proto.errors import ErrorCode, LinkError, LocalProtocolError, Protoco
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import PvclockInfo, TscModel
+from vtick.proto.timerfd import sleep_ns
 from vtick.proto.transport import PairEndpoint, link_url, monotonic_ns
 
 __all__ = ["GuestConfig", "GuestFatal", "GuestVcpu", "run_guest", "LATENESS_HIGHEST_NS"]
@@ -419,14 +420,14 @@ class GuestVcpu:
                     value = None
                     continue
                 if isinstance(item, Udelay):
-                    await trio.sleep(item.ns / 1e9)  # udelay: guest time passes, no exit
+                    await sleep_ns(item.ns)  # udelay: guest time passes, no exit
                     value = None
                     continue
                 if isinstance(item, PreemptionPoint):
                     delay = self.cfg.preempt_ns.get(item.name, 0)
                     if delay:
                         self.stats.preemptions[item.name] += 1
-                        await trio.sleep(delay / 1e9)
+                        await sleep_ns(delay)  # ns resolution: a 100 us window is 100 us
                     value = None
                     continue
                 if self.kernel is not None and self.kernel.ops.pv_eois != self._pv_eois_reported:

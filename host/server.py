@@ -47,12 +47,13 @@ from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
 from vtick.proto.lifecycle import watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import TscModel
+from vtick.proto.timerfd import BACKEND as TIMER_BACKEND
+from vtick.proto.timerfd import Alarm, sleep_ns
 from vtick.proto.transport import (
     PairEndpoint,
     link_url,
     monotonic_ns,
     remove_ipc_file,
-    trio_deadline,
 )
 
 __all__ = ["Host", "HostConfig", "serve"]
@@ -464,7 +465,9 @@ class Host:
         self.pit = Pit(self.machine)
         self.pvapic = PvApic(self.machine)
         self.links: list[VcpuLink] = []
-        self._wake = trio.Event()
+        #: the timer loop's wake-up: an absolute CLOCK_MONOTONIC timerfd (ns resolution;
+        #: trio's own timeouts round up to whole ms), fired at once by kick()
+        self._alarm = Alarm()
         self._sleeping_until = -1
         self.stopping = False
         self.interrupted: str | None = None
@@ -473,26 +476,30 @@ class Host:
         self.all_connected = trio.Event()
         self.started_at: int | None = None
 
+    def close(self) -> None:
+        """Release the host's own file descriptors (the timer loop's timerfd)."""
+        self._alarm.close()
+
     def kick(self) -> None:
-        self._wake.set()
+        self._alarm.fire_now()
 
     def kick_if_needed(self) -> None:
         """Wake the timer loop only if it now has an earlier deadline than it sleeps for."""
         deadline = self.machine.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
-            self._wake.set()
+            self._alarm.fire_now()
             return
         for vl in self.links:
             if vl.link is not None:
                 d = vl.link.next_deadline()
                 if d is not None and d < self._sleeping_until:
-                    self._wake.set()
+                    self._alarm.fire_now()
                     return
                 if (
                     vl.link.ack_owed(force=True)
                     and self._sleeping_until > monotonic_ns() + ACK_DELAY_NS
                 ):
-                    self._wake.set()
+                    self._alarm.fire_now()
                     return
 
     def connected(self, link: VcpuLink) -> None:
@@ -569,13 +576,13 @@ class Host:
                     deadlines.append(d)
                 if vl.link.ack_owed(force=True):
                     deadlines.append(monotonic_ns() + ACK_DELAY_NS)
-            self._wake = trio.Event()
             self._sleeping_until = min(deadlines) if deadlines else NEVER
             if deadlines:
-                with trio.move_on_at(trio_deadline(self._sleeping_until)):
-                    await self._wake.wait()
+                # host time is CLOCK_MONOTONIC here (the host's clock is never skewed)
+                self._alarm.arm(self._sleeping_until)
             else:
-                await self._wake.wait()
+                self._alarm.disarm()
+            await self._alarm.wait()
             self._sleeping_until = -1  # awake: nothing needs kicking
             now = monotonic_ns()
             self.machine.on_timer(now)
@@ -721,6 +728,8 @@ class Host:
             },
             "mutations_applied": self.mutations.as_dict() if self.mutations else None,
             "wall_ns": ended_ns - (self.started_at or ended_ns),
+            # "timerfd": host timers fire with ns resolution; "trio": on a 1 ms grid
+            "timer_backend": TIMER_BACKEND,
             "vcpus": vcpus,
             "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
             "ok": all(
@@ -736,7 +745,7 @@ async def _model_host_cost(ns: int) -> None:
     if ns <= SPIN_MAX_NS:
         _spin_until(time.monotonic_ns() + ns)
     else:
-        await trio.sleep(ns / 1e9)
+        await sleep_ns(ns)
 
 
 def _spin_until(host_ns: int) -> None:
@@ -798,6 +807,7 @@ async def serve(
     finally:
         for ep in endpoints:
             ep.close()
+        host.close()
         for url in urls:
             remove_ipc_file(url)
     results = host.results(monotonic_ns())
