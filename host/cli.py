@@ -256,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
     br.add_argument("--mode", choices=list(MODE_NAMES), default="pv-ktime")
     br.add_argument("--rounds", type=positive_int, default=3)
     br.add_argument("--duration", type=duration, default=2.0)
+    bl = bsub.add_parser(
+        "lateness", help="vtick's timer lateness vs a bare timerfd storm, interleaved"
+    )
+    bl.add_argument("--rounds", type=positive_int, default=3, help="blocks per path (default 3)")
+    bl.add_argument("--duration", type=duration, default=2.0, help="seconds per block (default 2)")
+    bl.add_argument("--seed", type=nonneg_int, default=1, help="storm seed (default 1)")
     return parser
 
 
@@ -309,6 +315,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from vtick.host.bench.recording import run_recording_bench
 
         return run_recording_bench(args.mode, args.rounds, args.duration)
+    if args.bench == "lateness":
+        from vtick.host.bench.lateness import run_lateness_bench
+
+        return run_lateness_bench(args.rounds, args.duration, args.seed)
     if args.bench == "wheel":
         from vtick.host.bench.wheel import run_wheel_bench
 

@@ -1,0 +1,155 @@
+"""``vtick bench lateness``: vtick's timer lateness against the machine's own floor.
+
+Two paths, interleaved in alternating blocks within one invocation (floor, vtick, vtick,
+floor, ...), so a change of background load biases neither:
+
+* ``floor``: a bare timer storm with the same shape as vtick's ``timers`` workload: 4
+  processes x 8 timers, each re-armed 100 us .. 2 ms ahead when it fires, each waiting on
+  an absolute CLOCK_MONOTONIC timerfd under trio (proto/timerfd.py).  Lateness = wake-up
+  time - expiry.  This is what a trio process on this machine can do at best.
+* ``vtick``: ``pv-ktime`` with 4 vCPU processes and the ``timers`` workload (8 timers
+  each, 100 us .. 2 ms): real host, real links, lateness as each guest measures it (the
+  callback's guest ktime - its expiry), merged over vCPUs.
+
+Prints each path's p50/p99 and ``lateness_ratio_p50`` / ``lateness_ratio_p99`` (vtick
+over floor).  The goal stated for vtick is at most 5x at both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import trio
+from hdrh.histogram import HdrHistogram
+
+from vtick.host.lab.launcher import RunOptions, launch
+from vtick.host.lab.metrics import merge_hdr
+from vtick.proto.timerfd import BACKEND, Alarm
+
+__all__ = ["run_lateness_bench"]
+
+PROCESSES = 4
+TIMERS = 8
+MIN_NS = 100_000
+MAX_NS = 2_000_000
+
+
+def _hist() -> HdrHistogram:
+    return HdrHistogram(1, 60_000_000_000, 3)
+
+
+async def _storm(timers: int, seconds: float, seed: int) -> HdrHistogram:
+    """``timers`` timerfd timers re-armed MIN_NS..MAX_NS ahead for ``seconds``."""
+    hist = _hist()
+    rng = random.Random(seed)
+    end = time.monotonic_ns() + int(seconds * 1e9)
+
+    async def one() -> None:
+        with Alarm() as alarm:
+            while True:
+                expiry = time.monotonic_ns() + rng.randrange(MIN_NS, MAX_NS)
+                if expiry > end:
+                    return
+                alarm.arm(expiry)
+                await alarm.wait()
+                hist.record_value(max(1, time.monotonic_ns() - expiry))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(timers):
+            nursery.start_soon(one)
+    return hist
+
+
+def _floor_block(seconds: float, seed: int) -> HdrHistogram:
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vtick.host.bench.lateness",
+                "storm",
+                str(seconds),
+                str(seed + i),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(PROCESSES)
+    ]
+    merged = _hist()
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storm process exited with status {proc.returncode}")
+        merged.add(HdrHistogram.decode(out.strip().encode("ascii")))
+    return merged
+
+
+def _vtick_block(seconds: float, seed: int) -> HdrHistogram:
+    opts = RunOptions(
+        vcpus=PROCESSES,
+        duration_s=seconds,
+        seed=seed,
+        mode="pv-ktime",
+        workload="timers",
+        params={"timers": TIMERS, "min_ns": MIN_NS, "max_ns": MAX_NS},
+    )
+    with tempfile.TemporaryDirectory(prefix="vtick-bench-") as scratch:
+        results = trio.run(launch, opts, os.path.join(scratch, "r.json"))
+    merged = merge_hdr([(v["guest"] or {}).get("lateness_hdr") for v in results["vcpus"]])
+    if merged is None:
+        raise RuntimeError("the vtick run reported no lateness")
+    return merged
+
+
+def _us(hist: HdrHistogram, pct: float) -> float:
+    return hist.get_value_at_percentile(pct) / 1000
+
+
+def run_lateness_bench(rounds: int = 3, seconds: float = 2.0, seed: int = 1) -> int:
+    print(
+        f"vtick bench lateness: {PROCESSES} processes x {TIMERS} timers re-armed "
+        f"{MIN_NS // 1000} us .. {MAX_NS // 1000} us ahead, {rounds} rounds of {seconds} s "
+        f"per path, interleaved; host timers: {BACKEND}; {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    total = {"floor": _hist(), "vtick": _hist()}
+    for r in range(rounds):
+        order = ("floor", "vtick") if r % 2 == 0 else ("vtick", "floor")
+        for path in order:
+            block = (
+                _floor_block(seconds, seed + r)
+                if path == "floor"
+                else _vtick_block(seconds, seed + r)
+            )
+            total[path].add(block)
+            print(
+                f"  round {r + 1} {path:<5} p50 {_us(block, 50):8.1f} us  "
+                f"p99 {_us(block, 99):8.1f} us  ({block.get_total_count()} timers)",
+                flush=True,
+            )
+    print(f"{'path':<8} {'timers':>9} {'p50 us':>9} {'p99 us':>9} {'max us':>10}")
+    for path, hist in total.items():
+        print(
+            f"{path:<8} {hist.get_total_count():>9} {_us(hist, 50):>9.1f} "
+            f"{_us(hist, 99):>9.1f} {hist.get_max_value() / 1000:>10.1f}"
+        )
+    for pct in (50, 99):
+        ratio = _us(total["vtick"], pct) / max(_us(total["floor"], pct), 0.001)
+        print(f"lateness_ratio_p{pct} {ratio:.2f} (vtick over floor; goal <= 5)")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "storm":
+        h = trio.run(_storm, TIMERS, float(sys.argv[2]), int(sys.argv[3]))
+        print(h.encode().decode("ascii"), flush=True)
+    else:
+        print(json.dumps({"usage": "python -m vtick.host.bench.lateness storm SECONDS SEED"}))
+        raise SystemExit(2)
