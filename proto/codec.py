@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import cbor2
 
 from vtick.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from vtick.proto.messages import MESSAGE_CLASSES, Message
-from vtick.proto.schema import MapRule, Schema, ValidationError, load_schema
+from vtick.proto.schema import MapRule, Schema, ValidationError, compile_predicate, load_schema
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
@@ -69,6 +70,8 @@ class _Kind:
     cls: type[Message]
     rule: MapRule
     fields: tuple[str, ...]
+    #: the rule compiled to one predicate: the fast yes; ``rule.check`` names a no
+    accepts: Callable[[Any], bool]
 
 
 def _bind(schema: Schema) -> tuple[dict[type[Message], _Kind], dict[int, _Kind]]:
@@ -107,7 +110,7 @@ def _bind(schema: Schema) -> tuple[dict[type[Message], _Kind], dict[int, _Kind]]
                 raise ImportError(f"{cls.__name__}.{name} is required in the schema")
         if number in by_number:
             raise ImportError(f"kind {number} used by two rules")
-        kind = _Kind(number, cls, rule, tuple(members))
+        kind = _Kind(number, cls, rule, tuple(members), compile_predicate(schema, rule))
         by_class[cls] = kind
         by_number[number] = kind
     if unbound:
@@ -126,7 +129,10 @@ def kind_of(cls: type[Message]) -> int:
 
 def _plain(value: Any) -> Any:
     """IntEnum/IntFlag members as plain ints (the schema check wants exact types)."""
-    if isinstance(value, int) and type(value) is not int and type(value) is not bool:
+    kind = type(value)
+    if kind is int or kind is str or kind is bytes or kind is bool:
+        return value
+    if isinstance(value, int):
         return int(value)
     if type(value) is list:
         return [_plain(v) for v in value]
@@ -146,10 +152,11 @@ def encode(msg: Message, seq: int, ack: int, max_size: int = DEFAULT_MAX_MESSAGE
         value = getattr(msg, name)
         if value is not None:
             wire[name] = _plain(value)
-    try:
-        kind.rule.check(wire, kind.cls.RULE)
-    except ValidationError as exc:
-        raise LocalProtocolError(ErrorCode.BAD_FIELD, f"refusing to send: {exc}") from None
+    if not kind.accepts(wire):
+        try:
+            kind.rule.check(wire, kind.cls.RULE)
+        except ValidationError as exc:
+            raise LocalProtocolError(ErrorCode.BAD_FIELD, f"refusing to send: {exc}") from None
     data = cbor2.dumps(wire)
     if len(data) > max_size:
         raise LocalProtocolError(
@@ -196,9 +203,10 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> Frame:
     kind = _BY_NUMBER.get(number)
     if kind is None:
         raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown message kind {number}")
-    try:
-        kind.rule.check(value, kind.cls.RULE)
-    except ValidationError as exc:
-        raise RemoteProtocolError(ErrorCode.BAD_FIELD, str(exc)) from None
+    if not kind.accepts(value):
+        try:
+            kind.rule.check(value, kind.cls.RULE)
+        except ValidationError as exc:
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, str(exc)) from None
     msg = kind.cls(**{name: value[name] for name in kind.fields if name in value})
     return Frame(value["s"], value["a"], msg)

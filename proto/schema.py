@@ -29,6 +29,7 @@ __all__ = [
     "MapRule",
     "Schema",
     "load_schema",
+    "compile_predicate",
 ]
 
 U64_MAX = (1 << 64) - 1
@@ -421,6 +422,105 @@ class Schema:
                 raise SchemaError(f"message rule {option.name!r} is not a map")
             out[option.name] = rule
         return out
+
+
+class _PredicateCompiler:
+    """Compiles a validator into one Python function ``pred(value) -> bool``.
+
+    The validators above walk objects and build error texts; that is what a rejection
+    needs, but a well-formed message (nearly all of them) only needs a yes.  The codec
+    runs the compiled predicate on every message and calls the validator only when the
+    predicate says no, to name the problem.  The predicate is generated source, compiled
+    once per rule when the schema loads, so each message costs a handful of type and
+    range tests.  It must accept exactly what the validator accepts: the codec treats a
+    disagreement as a bug, and tests/test_schema.py compares both on generated and
+    mutated values.
+    """
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.lines: list[str] = []
+        self.names: dict[int, str] = {}
+        self.counter = 0
+
+    def fresh(self) -> str:
+        self.counter += 1
+        return f"_p{self.counter}"
+
+    def expr(self, v: Validator, x: str) -> str:
+        """A boolean expression testing variable ``x`` against ``v``."""
+        if isinstance(v, Ref):
+            return self.expr(self.schema.rules[v.name], x)
+        if isinstance(v, IntRange):
+            if v.lo == v.hi:
+                return f"(type({x}) is int and {x} == {v.lo})"
+            return f"(type({x}) is int and {v.lo} <= {x} <= {v.hi})"
+        if isinstance(v, BoolType):
+            return f"(type({x}) is bool)"
+        if isinstance(v, StrType):
+            size = f"len({x})" if v.kind is bytes else f"len({x}.encode())"
+            kind = "bytes" if v.kind is bytes else "str"
+            hi = f" <= {v.max_size}" if v.max_size is not None else ""
+            return f"(type({x}) is {kind} and {v.min_size} <= {size}{hi})"
+        if isinstance(v, Choice):
+            literals = [o.lo for o in v.options if isinstance(o, IntRange) and o.lo == o.hi]
+            if len(literals) == len(v.options):
+                return f"(type({x}) is int and {x} in {tuple(literals)!r})"
+            return "(" + " or ".join(self.expr(o, x) for o in v.options) + ")"
+        return f"{self.function(v)}({x})"
+
+    def function(self, v: Validator) -> str:
+        """The name of a generated function for a map or array validator."""
+        if id(v) in self.names:
+            return self.names[id(v)]
+        name = self.fresh()
+        self.names[id(v)] = name
+        body: list[str] = [f"def {name}(v):"]
+        if isinstance(v, MapRule):
+            body.append("    if type(v) is not dict: return False")
+            if v.generic is not None:
+                key_v, val_v = v.generic
+                body.append("    for k, i in v.items():")
+                body.append(
+                    f"        if not ({self.expr(key_v, 'k')} and {self.expr(val_v, 'i')}):"
+                )
+                body.append("            return False")
+                body.append("    return True")
+            else:
+                body.append("    n = 0")
+                for key, (mv, optional) in v.members.items():
+                    body.append(f"    if {key!r} in v:")
+                    body.append(f"        x = v[{key!r}]")
+                    body.append(f"        if not {self.expr(mv, 'x')}: return False")
+                    body.append("        n += 1")
+                    if not optional:
+                        body.append("    else:")
+                        body.append("        return False")
+                body.append("    return n == len(v)")
+        elif isinstance(v, ArrayRule):
+            body.append("    if type(v) is not list: return False")
+            hi = f" <= {v.max_items}" if v.max_items is not None else ""
+            body.append(f"    if not {v.min_items} <= len(v){hi}: return False")
+            body.append("    for x in v:")
+            body.append(f"        if not {self.expr(v.item, 'x')}: return False")
+            body.append("    return True")
+        else:  # pragma: no cover - every validator kind is handled above
+            raise SchemaError(f"cannot compile {type(v).__name__}")
+        self.lines.extend(body)
+        self.lines.append("")
+        return name
+
+
+def compile_predicate(schema: Schema, v: Validator) -> Any:
+    """``pred(value) -> bool``: True exactly when ``v.check(value, ...)`` passes."""
+    compiler = _PredicateCompiler(schema)
+    top = compiler.fresh()
+    expr = compiler.expr(v, "v")  # generates the helper functions first
+    compiler.lines.append(f"def {top}(v):")
+    compiler.lines.append(f"    return {expr}")
+    namespace: dict[str, Any] = {}
+    exec(compile("\n".join(compiler.lines), f"<vtick.cddl {top}>", "exec"), namespace)  # noqa: S102
+    return namespace[top]
 
 
 SCHEMA_FILE = "vtick.cddl"

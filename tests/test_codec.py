@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from vtick.proto import codec
 from vtick.proto import messages as m
 from vtick.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from vtick.proto.schema import schema_text
+from vtick.proto.schema import ValidationError, schema_text
 
 U8 = st.integers(0, 2**8 - 1)
 #: access sizes the CDDL admits (mmio-size, pio-size)
@@ -580,3 +580,50 @@ def test_golden_vectors(msg, seq, ack, hexdata):
     assert codec.encode(msg, seq, ack).hex() == expected.hex()
     assert codec.decode(expected) == codec.Frame(seq, ack, msg)
     assert cddl_valid(expected)
+
+
+# ---------------------------------------------------------------- compiled predicates
+
+
+def _slow_accepts(kind, value) -> bool:
+    try:
+        kind.rule.check(value, kind.cls.RULE)
+    except ValidationError:
+        return False
+    return True
+
+
+@st.composite
+def mutated_maps(draw):
+    """A valid message's map with one field changed to a value at or past an edge."""
+    msg = draw(ANY_MESSAGE)
+    wire = cbor2.loads(codec.encode(msg, draw(U64), draw(U64)))
+    key = draw(st.sampled_from(sorted(wire)))
+    edge = st.sampled_from(
+        [None, True, 0, -1, 2**64, 2**64 - 1, -(2**63) - 1, 256, 65536, 4.0, "", b"", [], {}]
+    )
+    op = draw(st.sampled_from(["set", "drop", "add"]))
+    if op == "set":
+        wire[key] = draw(edge | st.binary(max_size=40) | st.text(max_size=600))
+    elif op == "drop":
+        del wire[key]
+    else:
+        wire[draw(st.sampled_from(["zz", "k2", key + "x"]))] = draw(edge)
+    return wire
+
+
+@settings(max_examples=600, deadline=None)
+@given(mutated_maps())
+def test_compiled_predicate_agrees_with_the_validator(wire) -> None:
+    """The codec's fast yes must be exactly the validator's yes (never looser)."""
+    kind = codec._BY_NUMBER.get(wire.get("k")) if type(wire.get("k")) is int else None
+    if kind is None:
+        return
+    assert kind.accepts(wire) == _slow_accepts(kind, wire)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ANY_MESSAGE)
+def test_compiled_predicate_accepts_every_valid_message(msg) -> None:
+    wire = cbor2.loads(codec.encode(msg, 1, 0))
+    assert codec._BY_NUMBER[wire["k"]].accepts(wire)

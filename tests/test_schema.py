@@ -13,6 +13,7 @@ from vtick.proto.schema import (
     Schema,
     SchemaError,
     ValidationError,
+    compile_predicate,
     load_schema,
     schema_text,
 )
@@ -68,11 +69,14 @@ def test_every_message_class_binds():
 
 
 def _check(schema: Schema, rule: str, value) -> bool:
+    """The validator's verdict, asserted equal to the compiled predicate's."""
     try:
         schema.rules[rule].check(value, rule)
+        verdict = True
     except ValidationError:
-        return False
-    return True
+        verdict = False
+    assert compile_predicate(schema, schema.rules[rule])(value) == verdict, (rule, value)
+    return verdict
 
 
 def test_supported_subset_semantics():
