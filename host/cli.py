@@ -244,9 +244,19 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    bt = bsub.add_parser("transport", help="exit round trip vs a raw AF_UNIX socketpair")
-    bt.add_argument("--count", type=positive_int, default=5000, help="round trips per path")
-    bt.add_argument("--warmup", type=nonneg_int, default=500)
+    bt = bsub.add_parser(
+        "transport",
+        help="exit round trip vs trio + pynng, bare pynng and AF_UNIX floors, interleaved",
+    )
+    bt.add_argument(
+        "--count", type=positive_int, default=5000, help="round trips per path (default 5000)"
+    )
+    bt.add_argument(
+        "--warmup", type=nonneg_int, default=500, help="warm-up round trips (default 500)"
+    )
+    bt.add_argument(
+        "--block", type=positive_int, default=250, help="round trips per block (default 250)"
+    )
     bw = bsub.add_parser(
         "wheel", help="host hrtimer wheel vs a heapq queue with lazy deletion, same workload"
     )
@@ -325,7 +335,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return run_wheel_bench(timers=args.timers, seed=args.seed)
     from vtick.host.bench.transport import run_transport_bench
 
-    return run_transport_bench(count=args.count, warmup=args.warmup)
+    return run_transport_bench(count=args.count, warmup=args.warmup, block=args.block)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
