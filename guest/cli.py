@@ -20,7 +20,13 @@ __all__ = ["main", "parser"]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtick guest", description="Run one vCPU process.")
     p.add_argument("--connect", type=cliargs.url, required=True)
-    p.add_argument("--vcpu", type=cliargs.nonneg_int, required=True)
+    p.add_argument(
+        "--vcpu",
+        type=cliargs.vcpu_list,
+        required=True,
+        metavar="N|A-B|LIST",
+        help="the vCPU (or vCPUs: several run in this one process, each with its own link)",
+    )
     p.add_argument(
         "--token-file",
         default=None,
@@ -39,19 +45,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from vtick.guest.vcpu import GuestConfig, run_guest
+    from vtick.guest.vcpu import GuestConfig, run_guests
 
     if args.clock_skew:
         from vtick.proto.transport import set_clock_skew
 
         set_clock_skew(args.clock_skew)
-    cfg = GuestConfig(
-        connect=args.connect,
-        vcpu=args.vcpu,
-        token=cliargs.read_token(args.token_file),
-        preempt_ns=dict(args.preempt),
-    )
+    token = cliargs.read_token(args.token_file)
+    cfgs = [
+        GuestConfig(connect=args.connect, vcpu=i, token=token, preempt_ns=dict(args.preempt))
+        for i in args.vcpu
+    ]
     try:
-        return trio.run(run_guest, cfg)
+        return trio.run(run_guests, cfgs)
     except KeyboardInterrupt:
         return 130

@@ -636,8 +636,53 @@ async def _orphan_guard(name: str) -> None:
         raise GuestFatal(1, f"{name}: the launcher is gone")
 
 
-async def run_guest(cfg: GuestConfig) -> int:
-    """Run one vCPU until the host ends the run; return the process exit status."""
+async def run_guests(cfgs: list[GuestConfig]) -> int:
+    """Run several vCPUs in this one process (``vtick guest --vcpu 0-7``).
+
+    Each keeps its own link, endpoint and kernel model, exactly as in a process of its
+    own; they share the interpreter, so a machine runs many more vCPUs than it could
+    afford interpreters (each costs tens of MB).  One vCPU's fatal error ends that vCPU
+    only; the process exits with the first such status, after the others finish.
+    """
+    if len(cfgs) == 1:
+        return await run_guest(cfgs[0])
+    statuses: list[int] = []
+
+    async def one(cfg: GuestConfig) -> None:
+        statuses.append(await run_guest(cfg, signals=False))
+
+    try:
+        async with trio.open_nursery() as nursery:
+
+            def stopped(signum: int) -> None:
+                statuses.append(128 + signum)
+                print(
+                    f"vtick guest: vCPUs {cfgs[0].vcpu}..{cfgs[-1].vcpu}: stopped by "
+                    f"{signal.Signals(signum).name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(watch_signals, stopped)
+            async with trio.open_nursery() as vcpus:
+                for cfg in cfgs:
+                    vcpus.start_soon(one, cfg)
+            nursery.cancel_scope.cancel()
+    except* GuestFatal as group:  # the orphan guard of one of them
+        first = group.exceptions[0]
+        assert isinstance(first, GuestFatal)
+        print(f"vtick guest: {first}", file=sys.stderr, flush=True)
+        statuses.append(first.status)
+    return next((s for s in statuses if s != 0), 0)
+
+
+async def run_guest(cfg: GuestConfig, *, signals: bool = True) -> int:
+    """Run one vCPU until the host ends the run; return the process exit status.
+
+    ``signals``: install the SIGTERM/SIGINT handlers (False when :func:`run_guests`
+    owns them for several vCPUs in one process).
+    """
     vcpu = GuestVcpu(cfg)
     try:
         url = link_url(cfg.connect, cfg.vcpu)
@@ -654,7 +699,8 @@ async def run_guest(cfg: GuestConfig) -> int:
                     128 + signum, f"{vcpu.name}: stopped by {signal.Signals(signum).name}"
                 )
 
-            await nursery.start(watch_signals, stopped)
+            if signals:
+                await nursery.start(watch_signals, stopped)
             nursery.start_soon(_orphan_guard, vcpu.name)
             await vcpu.connect(nursery)
             await vcpu.run_kernel()

@@ -26,6 +26,7 @@ __all__ = [
     "preempt_arg",
     "read_token",
     "url",
+    "vcpu_list",
 ]
 
 #: the environment variable that carries the run token (never the command line)
@@ -49,6 +50,26 @@ def int_at_least(lowest: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+
+
+def vcpu_list(text: str) -> list[int]:
+    """An argparse type: vCPU indexes as ``N``, ``A-B`` (inclusive) or a comma list of both."""
+    out: list[int] = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            lo = int(first, 0)
+            hi = int(last, 0) if sep else lo
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected N, A-B or a comma list of them"
+            ) from None
+        if lo < 0 or hi < lo:
+            raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a range")
+        out.extend(range(lo, hi + 1))
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r} names a vCPU twice")
+    return out
 
 
 def duration(text: str) -> float:

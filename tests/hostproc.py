@@ -53,7 +53,7 @@ class StandaloneHost:
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().startswith("READY")
 
-    def guest(self, vcpu: int, token: bytes | None = None, *extra: str) -> subprocess.Popen:
+    def guest(self, vcpu: int | str, token: bytes | None = None, *extra: str) -> subprocess.Popen:
         env = dict(self.env, VTICK_TOKEN=(token or self.token).hex())
         return subprocess.Popen(
             [*VTICK, "guest", "--connect", self.url, "--vcpu", str(vcpu), *extra],
