@@ -143,6 +143,11 @@ def hlt() -> KernelOp[None]:
     yield m.ExitHlt()
 
 
+def pause_exit() -> KernelOp[None]:
+    """A PAUSE-loop exit: the CPU's pause filter ends a spin with an exit."""
+    yield m.ExitPause()
+
+
 def preemption_point(name: str) -> KernelOp[None]:
     yield PreemptionPoint(name)
 

@@ -6,7 +6,10 @@ targets whose queue was empty; then one IPI (CALL_FUNCTION_SINGLE) for a single 
 the ALLBUT shortcut when the targets are every other online CPU (and shortcuts are on),
 or a mask send otherwise; run the function locally if asked; with ``wait`` spin until
 every target unlocked its csd.  A dead or unresponsive target ends the wait with an
-error after ``timeout_ns``, never a hang.
+error after ``timeout_ns``, never a hang.  The end of the run is not such an error: once
+the host's shutdown arrived (``end_of_run``) the targets stop running csds, so a wait
+still open is *cut off* at once, counted apart and recorded neither as a call latency
+nor as an error (it would otherwise wait out the whole timeout and poison both).
 
 Target (``flush_queue``, from the CALL_FUNCTION vectors' handler): drain the queue; a
 synchronous csd runs its function, then unlocks; an asynchronous one unlocks first.
@@ -67,6 +70,8 @@ class SmpStats:
     empty_queue_ipis: int = 0
     timeouts: int = 0
     errors: int = 0
+    #: calls whose wait the end of the run cut off (neither latencies nor errors)
+    cut_off: int = 0
     reschedules: int = 0
     ipi_latency_ns: list[int] = field(default_factory=list)  # csd queued -> ran (target)
     call_latency_ns: list[int] = field(default_factory=list)  # call -> all done (sender)
@@ -106,6 +111,14 @@ class Smp:
         #: None = not recording
         self.call_records: list[tuple[int, int, int, int]] | None = None
         self._ran: dict[tuple[int, int], int] = {}
+        #: the host's shutdown arrived: open waits are cut off, not failed
+        self.run_over = False
+        #: told (returned, latency) of every completed call (the vCPU's timeline)
+        self.on_call: Callable[[int, int], None] | None = None
+
+    def end_of_run(self) -> None:
+        """The run is over: every vCPU stops running csds, so no wait can complete."""
+        self.run_over = True
 
     def announce_online(self) -> KernelOp[None]:
         """``set_cpu_online``: store this CPU's bit where every other CPU reads it."""
@@ -160,7 +173,14 @@ class Smp:
         sent_at = {key: self.outstanding.get(key, started) for key in keys}
         errors = yield from self._wait(keys)
         returned = self.clock()
-        self.stats.call_latency_ns.append(returned - started)
+        if errors is None:  # cut off by the end of the run
+            for key in keys:
+                self._ran.pop(key, None)
+            return []
+        if not errors:  # a failed call lasts as long as the timeout: not a latency
+            self.stats.call_latency_ns.append(returned - started)
+        if self.on_call is not None:
+            self.on_call(returned, returned - started)
         if self.call_records is not None:
             for key in keys:
                 self.call_records.append((sent_at[key], key[0], self._ran.pop(key, 0), returned))
@@ -196,18 +216,27 @@ class Smp:
             yield from self.ops.send_IPI_mask(cpus, Vector.CALL_FUNCTION)
         self.stats.ipis_sent += len(cpus)
 
-    def _wait(self, keys: list[tuple[int, int]]) -> KernelOp[list[str]]:
-        """``csd_lock_wait`` on every target: spin, interrupts enabled, bounded."""
+    def _wait(self, keys: list[tuple[int, int]]) -> KernelOp[list[str] | None]:
+        """``csd_lock_wait`` on every target: spin, interrupts enabled, bounded.
+
+        Returns the errors, or None when the end of the run cut the wait off.
+        """
         deadline = self.clock() + self.timeout_ns
         while any(k in self.outstanding for k in keys):
+            if self.run_over:
+                break
             yield from preemption_point(PREEMPT_CSD_WAIT)
             if self.clock() >= deadline:
                 break
             yield SpinWait(deadline)
         errors: list[str] = []
+        cut_off = False
         for key in keys:
             if key in self.outstanding:
                 del self.outstanding[key]
+                if self.run_over:
+                    cut_off = True
+                    continue
                 self.stats.timeouts += 1
                 errors.append(
                     f"vCPU {key[0]} did not run csd {key[1]} within {self.timeout_ns / 1e6:.0f} ms"
@@ -215,11 +244,16 @@ class Smp:
             elif key in self.failed:
                 errors.append(self.failed.pop(key))
         self.stats.errors += len(errors)
+        if cut_off and not errors:
+            self.stats.cut_off += 1
+            return None
         return errors
 
     def on_done(self, msg: m.CsdDone) -> None:
         """A target unlocked one of our csds (or the host reports it could not)."""
         key = (msg.src, msg.id)
+        if msg.error and self.run_over and key in self.outstanding:
+            return  # the target ended with the run (said goodbye): cut off, not failed
         if self.outstanding.pop(key, None) is None:
             return  # late: the wait already timed out
         if self.call_records is not None:

@@ -12,6 +12,7 @@ Exit codes: 0 done, 2 no host reached, 3 refused, 4 protocol error, 5 link lost.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 import signal
 import struct
@@ -26,7 +27,15 @@ from hdrh.histogram import HdrHistogram
 
 from vtick.guest.clocksource import Kvmclock, PvclockPage
 from vtick.guest.clocksync import PINGS, ClockSample, Offset, estimate_offset
-from vtick.guest.cpu import KernelOp, MemoryWrite, PreemptionPoint, SpinWait, Udelay, hlt
+from vtick.guest.cpu import (
+    KernelOp,
+    MemoryWrite,
+    PreemptionPoint,
+    SpinWait,
+    Udelay,
+    hlt,
+    pause_exit,
+)
 from vtick.guest.hrtimer import Expiry
 from vtick.guest.kernel import GuestKernel
 from vtick.guest.recorder import Recorder
@@ -39,6 +48,7 @@ from vtick.guest.workload import (
 )
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
+from vtick.proto.catalog import WORKLOAD_PARAMS
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
 from vtick.proto.errors import ErrorCode, LinkError, LocalProtocolError, ProtocolError
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
@@ -54,6 +64,12 @@ T = TypeVar("T")
 EXIT_INDEX = {cls: i for i, cls in enumerate(m.EXIT_CLASSES)}
 DEFAULT_MODE = "pv-ktime"
 HELLO_RETRY_S = 0.2
+#: pipes the host drops before any answer to our hello: nng's Pair0 admits one peer per
+#: socket and turns any other away at once, without a message, so this many in a row, over
+#: at least TURNED_AWAY_S (a restarted vCPU may meet its predecessor's pipe for a moment),
+#: mean another process holds this vCPU's link
+TURNED_AWAY_LIMIT = 3
+TURNED_AWAY_S = 1.0
 PING_TIMEOUT_S = 1.0
 #: a spinning vCPU re-checks its interrupts and the clock at least this often
 SPIN_SLICE_S = 0.005
@@ -83,21 +99,48 @@ class GuestConfig:
 
 
 TIMELINE_POINTS = 2048
+#: the timeline always keeps this many of its largest samples (stall evidence)
+TIMELINE_PEAKS = 32
+#: a gap this long in the vCPU's own scheduling, or a non-HLT exit the host took this long
+#: to answer, is a stall (the report keeps the longest few; host/lab/metrics.py lists them)
+STALL_NS = 250_000_000
+STALLS_KEPT = 4
+
+
+class Worst:
+    """The ``k`` largest (value, at) pairs seen: a min-heap, so a sample that is not among
+    them costs one comparison."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.heap: list[tuple[int, int]] = []
+
+    def add(self, value: int, at: int) -> None:
+        if len(self.heap) < self.k:
+            heapq.heappush(self.heap, (value, at))
+        elif value > self.heap[0][0]:
+            heapq.heapreplace(self.heap, (value, at))
+
+    def largest(self) -> list[tuple[int, int]]:
+        return sorted(self.heap, reverse=True)
 
 
 class Timeline:
     """At most ``limit`` (time, value) samples spread over the whole run: every sample is
     kept until the buffer is full, then every other one is dropped and only every 2nd,
     4th, ... new one is kept (stride doubling), so memory stays bounded and recording
-    costs a counter increment most of the time."""
+    costs a counter increment most of the time.  The ``peaks`` largest samples are kept
+    whatever the stride, so a stall (a few very late events) is never decimated away."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, peaks: int = TIMELINE_PEAKS) -> None:
+        self.limit = limit - peaks
         self.stride = 1
         self.seen = 0
         self.points: list[tuple[int, int]] = []
+        self.peaks = Worst(peaks)
 
     def add(self, at: int, value: int) -> None:
+        self.peaks.add(value, at)
         self.seen += 1
         if self.seen % self.stride:
             return
@@ -107,7 +150,8 @@ class Timeline:
             self.stride *= 2
 
     def pack(self) -> bytes:
-        return b"".join(struct.pack("<qq", t, v) for t, v in self.points)
+        merged = sorted(set(self.points) | {(t, v) for v, t in self.peaks.heap})
+        return b"".join(struct.pack("<qq", t, v) for t, v in merged)
 
 
 @dataclass
@@ -120,6 +164,15 @@ class GuestStats:
     lateness_overflow: int = 0
     preemptions: Counter[str] = field(default_factory=Counter)
     timeline: Timeline = field(default_factory=lambda: Timeline(TIMELINE_POINTS))
+    #: the longest gaps in this process's own scheduling (SIGSTOP, a starved CPU):
+    #: (ns, guest ktime when it stopped running)
+    stalls: Worst = field(default_factory=lambda: Worst(STALLS_KEPT))
+    #: the longest non-HLT exits the host took to answer: (ns, guest ktime sent)
+    host_waits: Worst = field(default_factory=lambda: Worst(STALLS_KEPT))
+
+    def record_call(self, at: int, ns: int) -> None:
+        """An smp_call_function call returned (the IPI storm's timeline)."""
+        self.timeline.add(at, ns)
 
     def record_lateness(self, ns: int, at: int = 0) -> None:
         self.timeline.add(at, ns)
@@ -162,6 +215,9 @@ class GuestVcpu:
         self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
+        self.turned_away = 0
+        self._first_turned_away = 0
+        self.workload_started = 0
 
     # ------------------------------------------------------------------ clock
 
@@ -253,6 +309,8 @@ class GuestVcpu:
             self._memory_event.set()
         elif isinstance(msg, m.Shutdown):
             self.shutdown_requested = True
+            if self.kernel is not None:
+                self.kernel.smp.end_of_run()  # open csd waits are cut off, not failed
             self._wake()
         elif isinstance(msg, m.Goodbye):
             self.host_goodbye.set()
@@ -303,11 +361,30 @@ class GuestVcpu:
         assert self.ep is not None
         async for event in self.ep.pipe_events:
             if not event.added:
+                if self.welcome is None:
+                    self._turned_away()
                 continue
             self.pipes_seen += 1
             if self.pipes_seen > 1 and self.welcome is not None:
                 self._send(self._hello(resume=self.welcome.session), monotonic_ns())
                 self.flush()
+
+    def _turned_away(self) -> None:
+        """The host dropped our pipe before answering the hello (no refuse, no welcome)."""
+        self.turned_away += 1
+        now = monotonic_ns()
+        if self.turned_away == 1:
+            self._first_turned_away = now
+        if (
+            self.turned_away >= TURNED_AWAY_LIMIT
+            and now - self._first_turned_away >= TURNED_AWAY_S * 1e9
+        ):
+            raise GuestFatal(
+                3,
+                f"{self.name}: {link_url(self.cfg.connect, self.cfg.vcpu)} turned this "
+                f"connection away {self.turned_away} times without a word: another process "
+                f"holds vCPU {self.cfg.vcpu}'s link (nng's Pair0 admits one peer)",
+            )
 
     async def connect(self, nursery: trio.Nursery) -> None:
         """Start the link's tasks in ``nursery`` and complete the handshake.
@@ -358,14 +435,17 @@ class GuestVcpu:
             return
         raise GuestFatal(
             2,
-            f"{self.name}: no welcome from {self.cfg.connect} within "
-            f"{self.cfg.handshake_timeout_s} s",
+            f"{self.name}: no welcome from {link_url(self.cfg.connect, self.cfg.vcpu)} "
+            f"within {self.cfg.handshake_timeout_s} s",
         )
 
     async def tick_loop(self) -> None:
+        last = monotonic_ns()
         while True:
             await trio.sleep(TICK_S)
             now = monotonic_ns()
+            self._watchdog(last, now)
+            last = now
             try:
                 self.link.poll(now)
             except LinkError as exc:
@@ -373,6 +453,14 @@ class GuestVcpu:
             if self.link.ack_owed(force=True):
                 self._send(m.Ack(), now)
             self.flush()
+
+    def _watchdog(self, last: int, now: int) -> None:
+        """The tick loop wakes every TICK_S; a much later wake-up means this process was
+        not running at all (stopped, or starved of a CPU): a stall, like the soft-lockup
+        watchdog's missed hrtimer, timed in guest ktime."""
+        gap = now - last - int(TICK_S * 1e9)
+        if gap >= STALL_NS and self.page is not None and self.tsc is not None:
+            self.stats.stalls.add(gap, self.page.info.ktime(self.tsc.tsc(now)) - gap)
 
     # ------------------------------------------------------------------ exits
 
@@ -390,6 +478,8 @@ class GuestVcpu:
         rtt = time.perf_counter_ns() - t0
         self.stats.exits[kind] += 1
         self.stats.exit_rtt_ns[kind] += rtt
+        if rtt >= STALL_NS and kind != "hlt" and self.page is not None:
+            self.stats.host_waits.add(rtt, self.ktime() - rtt)  # a HLT waits by design
         assert self._reply is not None
         if self.recorder is not None:
             self.recorder.exit(sent, rtt, self._reply.host_ns, EXIT_INDEX[type(msg)])
@@ -473,6 +563,13 @@ class GuestVcpu:
         assert self.clock is not None
         while self.pending and not self.shutdown_requested:
             await self._take_interrupt()
+        if self.kernel.ops.pv_eois != self._pv_eois_reported:
+            # A PV EOI done while spinning reaches the host only with an exit; without
+            # one the vector stays in service there and the next IPI of its class can
+            # never be injected: two vCPUs spinning on each other's csd would wait out
+            # the csd timeout.  On hardware the spin itself ends in a PAUSE-loop exit
+            # within microseconds (PLE), and KVM syncs the PV EOI flag on every exit.
+            await self.run_op(pause_exit())
         if self._memory_event.is_set():
             self._memory_event = trio.Event()
             return
@@ -509,29 +606,32 @@ class GuestVcpu:
         if welcome.trace:
             self.recorder = Recorder()  # the window starts after boot
             kernel.smp.call_records = []
-        params = welcome.params
+        if welcome.workload == "ipi":
+            kernel.smp.on_call = self.stats.record_call  # no timers: calls are the timeline
+        params = {k: p.default for k, p in WORKLOAD_PARAMS.items()} | welcome.params
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
         workload: Workload
         storm = TimerStormWorkload(
             kernel,
             seed,
-            timers=params.get("timers", 8),
-            min_ns=params.get("min_ns", 100_000),
-            max_ns=params.get("max_ns", 2_000_000),
-            churn_pct=params.get("churn_pct", 10),
+            timers=params["timers"],
+            min_ns=params["min_ns"],
+            max_ns=params["max_ns"],
+            churn_pct=params["churn_pct"],
         )
         if welcome.workload == "timers":
             workload = storm
         elif welcome.workload == "tick":
             workload = TickWorkload(kernel)
         elif welcome.workload == "ipi":
-            workload = IpiStormWorkload(kernel, pause_ns=params.get("pause_ns", 0))
+            workload = IpiStormWorkload(kernel, pause_ns=params["pause_ns"])
         elif welcome.workload == "mixed":
-            workload = MixedWorkload(kernel, storm, params.get("ipi_every_ns", 2_000_000))
+            workload = MixedWorkload(kernel, storm, params["ipi_every_ns"])
         else:
             raise GuestFatal(4, f"{self.name}: unknown workload {welcome.workload!r}")
         self.workload = workload
         started = clock.read()
+        self.workload_started = started
         workload.start(started)
         await self.run_op(kernel.reprogram())
         while True:
@@ -564,6 +664,13 @@ class GuestVcpu:
         if self.clock is not None:
             counters["kvmclock_retries"] = self.clock.retries
         counters |= {f"boot_exits {k}": v for k, v in self.boot_exits.items()}
+        if kernel is not None:
+            counters["smp_cut_off_calls"] = kernel.smp.stats.cut_off
+        counters["workload_started_ns"] = self.workload_started
+        for name, worst in (("stall", stats.stalls), ("host_wait", stats.host_waits)):
+            for i, (ns, at) in enumerate(worst.largest()):
+                counters[f"{name} {i} ns"] = ns
+                counters[f"{name} {i} at_ns"] = at
         if self.clock_offset is not None:
             counters["clock_offset_ns"] = self.clock_offset.ns
             counters["clock_sync_rtt_ns"] = self.clock_offset.rtt

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 
 import trio
@@ -29,6 +30,42 @@ from vtick.proto.cliargs import (
 )
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what is wrong, and where the help is), status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("vtick")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def _run_duration(text: str) -> float:
+    """``vtick run --duration``: long enough to boot, calibrate and measure something."""
+    value = duration(text)
+    if value < 0.1:
+        raise argparse.ArgumentTypeError(
+            f"duration {text!r} s is too short to measure anything: give at least 0.1 s"
+        )
+    return value
+
+
+def _hz(text: str) -> int:
+    """The guest's HZ: Linux offers 100, 250, 300 and 1000."""
+    value = positive_int(text)
+    if not 100 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(
+            f"HZ {value} is out of range 100..10000 (Linux offers 100, 250, 300, 1000)"
+        )
+    return value
 
 
 def _vcpu_count(text: str) -> int:
@@ -62,6 +99,9 @@ def _choices(allowed: list[str]) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: choose from {', '.join(allowed)} (comma-separated), all or none"
             )
+        twice = sorted({t for t in items if items.count(t) > 1})
+        if twice:
+            raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(twice)} given twice")
         return items
 
     return parse
@@ -84,34 +124,50 @@ def _mutate_arg(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="TEST AID: plant the named bug in the host to prove a checker catches it "
-        "(the run's figures are then wrong on purpose; listed in vtick.host.mutations)",
+        "(the run's figures are then wrong on purpose; listed in vtick.host.mutations; "
+        "repeatable; default: none)",
     )
 
 
+def _param_help() -> str:
+    from vtick.host.lab.preflight import param_help
+
+    return f"workload parameter, repeatable (default: none): {param_help()}"
+
+
 def _workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed")
+    p.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed (default: 1)")
     p.add_argument(
         "--workload",
         choices=list(WORKLOAD_NAMES),
         default="timers",
         help="guest workload: timers (random hrtimers, some cancelled or re-armed), "
-        "tick (the periodic tick alone)",
+        "tick (the periodic tick alone), ipi (the IPI storm: smp_call_function on every "
+        "other vCPU, back to back), mixed (timers plus a call every ipi_every_ns) "
+        "(default: timers)",
     )
     p.add_argument(
         "--mode",
         choices=list(MODE_NAMES),
         default="pv-ktime",
-        help="timer mode: how the guest programs its clock-event device",
+        help="timer mode, how the guest programs its clock-event device: "
+        f"{', '.join(MODE_NAMES)} (default: pv-ktime)",
     )
     p.add_argument(
-        "--apic", choices=list(APIC_NAMES), default=None, help="APIC access (default: the mode's)"
+        "--apic",
+        choices=list(APIC_NAMES),
+        default=None,
+        help=f"APIC access: {', '.join(APIC_NAMES)} (default: the mode's)",
     )
-    p.add_argument("--hz", type=positive_int, default=1000, help="the guest kernel's HZ")
+    p.add_argument(
+        "--hz", type=_hz, default=1000, help="the guest kernel's HZ, 100..10000 (default: 1000)"
+    )
     p.add_argument(
         "--ipi",
         choices=list(IPI_VARIANT_NAMES),
         default=None,
-        help="IPI path for smp_call_function (sets the APIC access unless --apic is given)",
+        help=f"IPI path for smp_call_function: {', '.join(IPI_VARIANT_NAMES)}; sets the "
+        "APIC access unless --apic is given (default: the APIC access's own)",
     )
     p.add_argument(
         "--param",
@@ -119,15 +175,16 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=INT",
-        help="workload parameter: timers, min_ns, max_ns, churn_pct",
+        help=_param_help(),
     )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vtick",
         description="Measure virtual CPU timer and IPI paths over real host and vCPU processes.",
     )
+    parser.add_argument("--version", action="version", version=f"vtick {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -137,52 +194,93 @@ def _parser() -> argparse.ArgumentParser:
         "the IPI storm, each on a fresh host and fresh vCPU processes, and print one "
         "comparison table per family.",
     )
-    run.add_argument("--vcpus", type=_vcpu_count, default=4)
-    run.add_argument("--duration", type=duration, default=1.8, help="seconds of workload per path")
+    run.add_argument(
+        "--vcpus",
+        type=_vcpu_count,
+        default=4,
+        help="vCPU processes per path; the IPI paths need 2 or more (default: 4)",
+    )
+    run.add_argument(
+        "--duration",
+        type=_run_duration,
+        default=1.8,
+        help="seconds of workload per path, 0.1..86400 (default: 1.8)",
+    )
     run.add_argument(
         "--modes",
         type=_choices(list(MODE_NAMES)),
         default=list(MODE_NAMES),
-        help="comma-separated timer modes, 'all' or 'none' (default all)",
+        help=f"comma-separated timer modes from {', '.join(MODE_NAMES)}, 'all' or 'none' "
+        "(default: all)",
     )
     run.add_argument(
         "--ipi",
         type=_choices(list(IPI_VARIANT_NAMES)),
-        default=list(IPI_VARIANT_NAMES),
-        help="comma-separated IPI paths, 'all' or 'none' (default all)",
+        default=None,
+        help=f"comma-separated IPI paths from {', '.join(IPI_VARIANT_NAMES)}, 'all' or "
+        "'none' (default: all, or none with --vcpus 1)",
     )
     run.add_argument(
         "--workload",
         choices=["timers", "tick", "mixed"],
         default="timers",
-        help="workload of the timer modes (the IPI paths always run the IPI storm)",
+        help="workload of the timer modes: timers, tick or mixed (the IPI paths always run "
+        "the IPI storm) (default: timers)",
     )
     run.add_argument(
         "--listen",
         type=url,
         default=None,
-        help="base URL (default: ipc:// in a private temporary directory); "
-        "tcp://HOST:PORT uses ports PORT..PORT+N-1",
+        help="base URL; tcp://HOST:PORT uses ports PORT..PORT+N-1 "
+        "(default: ipc:// in a private temporary directory)",
     )
-    run.add_argument("--json", default="vtick-results.json", help="results file to write")
-    run.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots here")
+    run.add_argument(
+        "--json",
+        default="vtick-results.json",
+        metavar="PATH",
+        help="results file to write (default: vtick-results.json)",
+    )
+    run.add_argument(
+        "--plots", default=None, metavar="DIR", help="write PNG plots here (default: none)"
+    )
     run.add_argument(
         "--trace",
         default=None,
         metavar="PATH",
-        help="write a Chrome/Perfetto trace-event JSON file of every path's first events",
+        help="write a Chrome/Perfetto trace-event JSON file of every path's first events "
+        "(default: none)",
     )
-    run.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed")
-    run.add_argument("--hz", type=positive_int, default=1000, help="the guest kernel's HZ")
     run.add_argument(
-        "--apic", choices=list(APIC_NAMES), default=None, help="APIC access (default: the mode's)"
+        "--histogram",
+        default=None,
+        metavar="PATH",
+        help="write each timer path's lateness histograms in cyclictest's --json shape; "
+        "with several timer paths, PATH's name gets the path's (lat.json -> "
+        "lat.pv-ktime.json) (default: none)",
+    )
+    run.add_argument(
+        "--wide",
+        action="store_true",
+        help="print the full tables whatever the terminal's width "
+        "(default: full tables only when they fit)",
+    )
+    run.add_argument("--seed", type=nonneg_int, default=1, help="workload random seed (default: 1)")
+    run.add_argument(
+        "--hz", type=_hz, default=1000, help="the guest kernel's HZ, 100..10000 (default: 1000)"
+    )
+    run.add_argument(
+        "--apic",
+        choices=list(APIC_NAMES),
+        default=None,
+        help=f"APIC access: {', '.join(APIC_NAMES)} (default: each mode's own)",
     )
     run.add_argument(
         "--exit-cost",
         type=_exit_cost,
         default=None,
         metavar="PROFILE",
-        help="add a modeled host cost per exit (kvm-2011-xapic, x2apic, apicv, or a TOML file)",
+        help="add a modeled host cost per exit and rank by it: kvm-2011-xapic, x2apic, "
+        "apicv, or a TOML file (default: none, rank by vtick's own host time)",
     )
     run.add_argument(
         "--param",
@@ -190,25 +288,44 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=INT",
-        help="workload parameter: timers, min_ns, max_ns, churn_pct, pause_ns, ipi_every_ns",
+        help=_param_help(),
     )
     preempt_arg(run)
     _mutate_arg(run)
 
-    cmp = sub.add_parser("compare", help="print the differences between two results files")
+    cmp = sub.add_parser(
+        "compare",
+        help="print the differences between two results files",
+        description="Compare two `vtick run --json` files: configuration differences "
+        "first, then every path measured in both, then the paths only one has.",
+    )
     cmp.add_argument("a", help="results JSON of the first run")
     cmp.add_argument("b", help="results JSON of the second run")
 
     host = sub.add_parser("host", help="run the host (VMM) process")
-    host.add_argument("--listen", type=url, required=True)
-    host.add_argument("--vcpus", type=_vcpu_count, required=True)
-    host.add_argument("--duration", type=duration, default=5.0)
-    host.add_argument("--results", default=None, help="write results JSON here")
+    host.add_argument(
+        "--listen",
+        type=url,
+        required=True,
+        help="base URL: ipc:///DIR/NAME or tcp://HOST:PORT (ports PORT..PORT+N-1) (required)",
+    )
+    host.add_argument(
+        "--vcpus", type=_vcpu_count, required=True, help="vCPUs to serve, 1..1024 (required)"
+    )
+    host.add_argument(
+        "--duration",
+        type=duration,
+        default=5.0,
+        help="seconds of workload once every vCPU connected (default: 5)",
+    )
+    host.add_argument(
+        "--results", default=None, metavar="PATH", help="write results JSON here (default: none)"
+    )
     host.add_argument(
         "--connect-timeout",
         type=duration,
         default=30.0,
-        help="seconds to wait for every vCPU to connect",
+        help="seconds to wait for every vCPU to connect (default: 30)",
     )
     host.add_argument(
         "--exit-cost",
@@ -216,22 +333,27 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PROFILE",
         help="add a modeled handling cost per exit: a shipped profile "
-        "(kvm-2011-xapic, x2apic, apicv) or a TOML file",
+        "(kvm-2011-xapic, x2apic, apicv) or a TOML file (default: none)",
     )
-    host.add_argument("--trace", action="store_true", help="ask every vCPU for a trace window")
+    host.add_argument(
+        "--trace", action="store_true", help="ask every vCPU for a trace window (default: off)"
+    )
     host.add_argument(
         "--timer-advance",
         action="store_true",
-        help="adaptive LAPIC timer advance for TSC-deadline (KVM's lapic_timer_advance)",
+        help="adaptive LAPIC timer advance for TSC-deadline (KVM's lapic_timer_advance) "
+        "(default: off)",
     )
     host.add_argument(
         "--report-timeout",
         type=duration,
         default=10.0,
-        help="seconds to wait at the end for every vCPU's report and goodbye",
+        help="seconds to wait at the end for every vCPU's report and goodbye (default: 10)",
     )
     host.add_argument(
-        "--token-file", default=None, help=f"file holding the run token in hex (else ${TOKEN_ENV})"
+        "--token-file",
+        default=None,
+        help=f"file holding the run token in hex (default: ${TOKEN_ENV})",
     )
     _workload_args(host)
     _mutate_arg(host)
@@ -260,12 +382,19 @@ def _parser() -> argparse.ArgumentParser:
     bw = bsub.add_parser(
         "wheel", help="host hrtimer wheel vs a heapq queue with lazy deletion, same workload"
     )
-    bw.add_argument("--timers", type=positive_int, default=1_000_000)
-    bw.add_argument("--seed", type=nonneg_int, default=1)
+    bw.add_argument(
+        "--timers", type=positive_int, default=1_000_000, help="timers (default: 1000000)"
+    )
+    bw.add_argument("--seed", type=nonneg_int, default=1, help="workload seed (default: 1)")
     br = bsub.add_parser("recording", help="a run with trace recording on vs off")
-    br.add_argument("--mode", choices=list(MODE_NAMES), default="pv-ktime")
-    br.add_argument("--rounds", type=positive_int, default=3)
-    br.add_argument("--duration", type=duration, default=2.0)
+    br.add_argument(
+        "--mode",
+        choices=list(MODE_NAMES),
+        default="pv-ktime",
+        help=f"timer mode: {', '.join(MODE_NAMES)} (default: pv-ktime)",
+    )
+    br.add_argument("--rounds", type=positive_int, default=3, help="rounds (default: 3)")
+    br.add_argument("--duration", type=duration, default=2.0, help="seconds per run (default: 2)")
     bl = bsub.add_parser(
         "lateness", help="vtick's timer lateness vs a bare timerfd storm, interleaved"
     )
@@ -305,6 +434,8 @@ def _cmd_host(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        orphaned_host_cleanup(args.results)  # our launcher was SIGKILLed: tidy for it
     return 0 if results["ok"] else 1
 
 

@@ -228,6 +228,7 @@ class Machine:
         ] = {
             m.ExitHypercall: self._hypercall,
             m.ExitHlt: self._hlt,
+            m.ExitPause: self._pause,
             m.ExitMsrRead: self._msr_read,
             m.ExitMsrWrite: self._msr_write,
             m.ExitMmioRead: self._mmio_read,
@@ -471,6 +472,11 @@ class Machine:
 
     def _hlt(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
         raise AssertionError("HLT goes through _hlt_seq")  # pragma: no cover
+
+    def _pause(self, state: VcpuState, msg: m.Message, now: int, unseen: bool) -> ExitResult:
+        # kvm_vcpu_on_spin would yield to another vCPU; the PV EOI the exit carries was
+        # already done in handle_exit, which is what the spinning vCPU needed
+        return ExitResult()
 
     def _hlt_seq(self, state: VcpuState, seq: int, unseen: bool) -> ExitResult:
         # Runnable if an interrupt is on its way: sent but not yet seen by the vCPU

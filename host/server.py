@@ -185,9 +185,26 @@ class VcpuLink:
 
     async def watch_pipes(self) -> None:
         """Count pipe arrivals and departures; a departure may have lost frames, which
-        the resume on the next pipe or the retransmission timer recovers."""
+        the resume on the next pipe or the retransmission timer recovers.
+
+        A pipe removed that was never added is a second peer nng's Pair0 turned away at
+        once (it admits one): another process dialled this vCPU's taken link.  Its hello
+        never reaches ``_handshake``, so it is refused here, on the record; the dialler
+        sees its pipe dropped unanswered and gives up with that reason (guest/vcpu.py).
+        """
+        added: set[int] = set()
         async for event in self.ep.pipe_events:
             self.pipes["added" if event.added else "removed"] += 1
+            if event.added:
+                added.add(event.pipe_id)
+            elif event.pipe_id in added:
+                added.discard(event.pipe_id)
+            else:
+                reason = "second peer turned away: the link is taken"
+                self.refused[reason] += 1
+                if self.refused[reason] == 1:
+                    holder = f"pid {self.guest_pid}" if self.guest_pid else "another peer"
+                    self.log(f"{reason} by {holder} (nng's Pair0 admits one peer)")
 
     async def run(self) -> None:
         while True:

@@ -11,6 +11,8 @@ guest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
     "APIC_NAMES",
     "CPU_ONLINE",
@@ -21,6 +23,8 @@ __all__ = [
     "PREEMPT_ICR_IDLE_TO_WRITE",
     "PREEMPTION_POINTS",
     "WORKLOAD_NAMES",
+    "WORKLOAD_PARAMS",
+    "WorkloadParam",
 ]
 
 #: timer modes: how the guest programs its clock-event device (docs/guest.md)
@@ -43,6 +47,38 @@ IPI_VARIANT_NAMES = ("xapic-shortcut", "xapic-mask", "x2apic", "pv")
 
 #: guest workloads
 WORKLOAD_NAMES = ("timers", "tick", "ipi", "mixed")
+
+
+@dataclass(frozen=True)
+class WorkloadParam:
+    """One ``--param NAME=INT``: its default, its allowed range and who reads it."""
+
+    default: int
+    lowest: int
+    highest: int
+    workloads: tuple[str, ...]
+    meaning: str
+
+
+#: workload parameters, travelling in ``welcome.params``: the guest takes its defaults
+#: from here and the command line checks names and ranges before any process starts
+#: (the timer storm also needs min_ns < max_ns)
+WORKLOAD_PARAMS: dict[str, WorkloadParam] = {
+    "timers": WorkloadParam(8, 1, 4096, ("timers", "mixed"), "hrtimers per vCPU"),
+    "min_ns": WorkloadParam(
+        100_000, 1_000, 10_000_000_000, ("timers", "mixed"), "shortest timer delay"
+    ),
+    "max_ns": WorkloadParam(
+        2_000_000, 1_001, 10_000_000_000, ("timers", "mixed"), "longest timer delay"
+    ),
+    "churn_pct": WorkloadParam(
+        10, 0, 100, ("timers", "mixed"), "% of boundaries that cancel or re-arm a timer"
+    ),
+    "pause_ns": WorkloadParam(0, 0, 10_000_000_000, ("ipi",), "pause between IPI storm calls"),
+    "ipi_every_ns": WorkloadParam(
+        2_000_000, 10_000, 10_000_000_000, ("mixed",), "smp_call_function period"
+    ),
+}
 
 #: named places in the guest's kernel paths where a delay can be injected
 PREEMPT_DELTA_TO_DEVICE = "clockevents.delta_to_device"

@@ -128,7 +128,8 @@ def preempt_arg(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="POINT=NS",
         help="preempt the vCPU for NS ns every time it passes POINT: "
-        + ", ".join(PREEMPTION_POINTS),
+        + ", ".join(PREEMPTION_POINTS)
+        + " (repeatable; default: none)",
     )
 
 

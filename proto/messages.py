@@ -28,6 +28,7 @@ __all__ = [
     "ExitPioOut",
     "ExitHypercall",
     "ExitHlt",
+    "ExitPause",
     "ExitMessage",
     "EXIT_CLASSES",
     "EXIT_KIND_NAMES",
@@ -195,6 +196,13 @@ class ExitHypercall(ExitMessage):
 @dataclass(frozen=True, slots=True)
 class ExitHlt(ExitMessage):
     RULE: ClassVar[str] = "exit-hlt"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitPause(ExitMessage):
+    """A PAUSE-loop exit: the vCPU spins in a wait loop (see the schema)."""
+
+    RULE: ClassVar[str] = "exit-pause"
 
 
 # ------------------------------------------------------------------ host -> vCPU

@@ -101,6 +101,7 @@ STRATEGIES = {
         m.ExitHypercall, nr=U64, args=st.lists(U64, max_size=4), pv_eoi=st.none() | st.booleans()
     ),
     m.ExitHlt: st.builds(m.ExitHlt, pv_eoi=st.none() | st.booleans()),
+    m.ExitPause: st.builds(m.ExitPause, pv_eoi=st.none() | st.booleans()),
     m.ExitReply: st.builds(
         m.ExitReply, re=U64, value=st.integers(-(2**63), 2**64 - 1), fault=U8, host_ns=U64
     ),

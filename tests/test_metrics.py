@@ -113,7 +113,7 @@ def test_compare_pairs_the_same_paths():
         {"family": "ipi", "name": "pv", "error": "x"},
     )  # fmt: skip
     (row,) = compare(a, b)
-    before, after = row["metrics"]["host us/event"]
+    before, after = row["metrics"]["host mean us/event"]
     assert before == pytest.approx(20.5)
     assert after == pytest.approx(40.5)
 

@@ -200,7 +200,9 @@ def test_cli_run_campaign_prints_tables_and_writes_json_and_plots(tmp_path) -> N
     ipi_run = data["runs"][2]["metrics"]
     assert ipi_run["call_latency_ns"]["p50"] > 0
     csds = ipi_run["csds"]
-    assert csds["run"] <= csds["sent"] <= csds["run"] + csds["errors"]
+    # a csd not run ended its call with an error, or was cut off by the end of the run
+    # (one csd per call with 2 vCPUs)
+    assert csds["run"] <= csds["sent"] <= csds["run"] + csds["errors"] + csds["cut_off_calls"]
     trace = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert {e["ph"] for e in trace} == {"M", "X"}
     outs = sorted(e["bind_id"] for e in trace if e.get("flow_out"))
@@ -295,12 +297,12 @@ def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
         assert len(family) == 3, "host and two vCPUs should be running"
         time.sleep(0.5)
         launcher.send_signal(signal.SIGTERM)
-        _, err = launcher.communicate(timeout=30)
+        out, err = launcher.communicate(timeout=30)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 1
-    assert "interrupted by SIGTERM" in err
+    assert launcher.returncode == 143  # 128 + SIGTERM, what finished is kept (none here)
+    assert "INTERRUPTED (SIGTERM) after 0 of 1 paths" in " ".join(out.split())
     time.sleep(0.2)
     assert [p for p in family if _alive(p)] == []
     assert _leftovers(private_tmp) == []
@@ -498,11 +500,12 @@ def test_children_stop_when_the_launcher_is_killed(tmp_path, private_tmp) -> Non
         for pid in family:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        # a SIGKILLed launcher cannot remove its run directory; its children did
-        # remove their sockets, so at most the host's results file is left
+        # a SIGKILLed launcher cannot remove its run directory: its host, finding the
+        # launcher gone, removes its results file and the directory (launcher.py)
+        leftovers = _leftovers(private_tmp)
         for leftover in private_tmp.iterdir():
-            assert set(os.listdir(leftover)) <= {"results.json"}
             shutil.rmtree(leftover)
+        assert leftovers == []
 
 
 HOSTILE_FRAMES = [
@@ -584,18 +587,24 @@ async def test_every_ipi_path_delivers_each_call(tmp_path, ipi) -> None:
             str(tmp_path / "r.json"),
         )
     assert results["ok"], results
-    sent = run = errors = 0
+    sent = run = errors = cut_off = 0
     for v in results["vcpus"]:
         c = v["guest"]["counters"]
         sent += c["csds_sent"]
         run += c["csds_run"]
         errors += c["csd_errors"]
+        cut_off += c["smp_cut_off_calls"]
         assert c["smp_calls"] > 0
     assert run > 0
     # each csd runs at most once, and every csd that did not run ended its sender's wait
-    # with an error (one that runs after its sender gave up counts on both sides)
+    # with an error (one that runs after its sender gave up counts on both sides), or
+    # was cut off by the end of the run (at most one call per vCPU, 2 csds each)
     assert run <= sent, (sent, run)
-    assert sent - run <= errors, (sent, run, errors)
+    assert sent - run <= errors + 2 * cut_off, (sent, run, errors, cut_off)
+    assert cut_off <= 3
+    # every target is alive: no call may end in an error (a PV EOI done while spinning
+    # in csd_lock_wait once kept the next IPI out until the 1 s timeout; exit-pause)
+    assert errors == 0, errors
 
 
 def test_smp_call_function_with_a_dead_target_ends_in_errors_not_a_hang() -> None:

@@ -36,6 +36,7 @@ KINDS = {
     "exit-pio-out": 21,
     "exit-hypercall": 22,
     "exit-hlt": 23,
+    "exit-pause": 24,
     "exit-reply": 32,
     "inject": 33,
     "pvclock": 34,

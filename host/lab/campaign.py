@@ -4,6 +4,13 @@ A campaign is a sequence of ordinary runs (``launch``), each a fresh host and fr
 processes, so one path's leftovers cannot bias the next.  Timer modes run the timer
 workload; IPI paths run the IPI storm.  A run that fails is recorded with its error and
 the campaign goes on: a user comparing paths wants every figure that could be had.
+
+SIGINT or SIGTERM stops the campaign, not the program: the path running then is
+stopped (its processes ended, its run directory removed) and left out, and the document
+comes back with the paths that finished and ``"interrupted": "SIGINT"`` (or
+``"SIGTERM"``), so the caller can still print and save them.  A signal between two paths
+(while metrics are computed) is caught the same way.  Nothing is written to disk here:
+each run's results come back in memory.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import trio
 
 from vtick.host.lab.launcher import RunFailed, RunInterrupted, RunOptions, launch
 from vtick.host.lab.metrics import run_metrics
@@ -74,11 +83,28 @@ async def run_campaign(
 ) -> dict[str, Any]:
     """Run every path of ``opts`` in turn; returns the campaign's results document.
 
-    ``on_progress(index, family, name)`` is called before each run starts.
+    ``on_progress(index, family, name)`` is called before each run starts.  An
+    interrupted campaign returns what finished, with ``"interrupted"`` set.
     """
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="vtick-campaign-") as scratch:
+    interrupted: list[str] = []
+    current = [trio.CancelScope()]
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # a running launch() installs its own receiver (the newest one gets the signal)
+        # and raises RunInterrupted; this one covers the moments between paths
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                interrupted.append(signal.Signals(signum).name)
+                current[0].cancel()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
         for index, (family, name) in enumerate(opts.runs()):
+            if interrupted:
+                break
             if on_progress is not None:
                 on_progress(index, family, name)
             run = RunOptions(
@@ -98,20 +124,29 @@ async def run_campaign(
                 mutations=opts.mutations,
             )
             entry: dict[str, Any] = {"family": family, "name": name}
-            try:
-                results = await launch(run, os.path.join(scratch, f"{index}.json"))
-            except RunInterrupted:
-                raise  # Ctrl-C / SIGTERM stops the whole campaign, not one path
-            except RunFailed as exc:
-                entry["error"] = str(exc)
-            else:
-                entry["metrics"] = run_metrics(results)
-                entry["results"] = results
+            with trio.CancelScope() as scope:
+                current[0] = scope
+                try:
+                    results = await launch(run)
+                except RunInterrupted as exc:
+                    interrupted.append(exc.signal_name)
+                    break  # Ctrl-C / SIGTERM stops the whole campaign, not one path
+                except RunFailed as exc:
+                    entry["error"] = str(exc)
+                else:
+                    entry["metrics"] = run_metrics(results)
+                    entry["results"] = results
+            if scope.cancelled_caught:
+                break  # a signal between paths: this one never finished
             runs.append(entry)
+        nursery.cancel_scope.cancel()
     config = asdict(opts)
-    return {
+    doc: dict[str, Any] = {
         "vtick": RESULTS_VERSION,
         "config": config,
         "environment": environment(),
         "runs": runs,
     }
+    if interrupted:
+        doc["interrupted"] = interrupted[0]
+    return doc

@@ -9,6 +9,13 @@ and stop when it is gone, so even ``kill -9`` of the launcher leaves no orphan r
 
 A vCPU that exits with a non-zero status ends the run with an error naming it and its
 status; SIGINT and SIGTERM stop everything.
+
+The run directory (``$TMPDIR/vtick-XXXXXXXX``) holds the ipc sockets and the host's
+results file, and the launcher removes it whatever happened.  A launcher killed with
+SIGKILL cannot; its host then cleans up instead: it learns the directory from
+``$VTICK_RUN_DIR`` and, finding its launcher gone when the run ends, removes its results
+file (nobody will read it) and the directory, which its sockets have already left
+(:func:`orphaned_host_cleanup`).
 """
 
 from __future__ import annotations
@@ -30,8 +37,17 @@ from vtick.host.results import write_json
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
-__all__ = ["RunOptions", "RunFailed", "RunInterrupted", "launch", "describe_status"]
+__all__ = [
+    "RunOptions",
+    "RunFailed",
+    "RunInterrupted",
+    "launch",
+    "describe_status",
+    "orphaned_host_cleanup",
+]
 
+#: the run directory a launched host removes if its launcher is gone
+RUN_DIR_ENV = "VTICK_RUN_DIR"
 READY_TIMEOUT_S = 15.0
 #: beyond the run's duration: the host's connect timeout (30 s) and report timeout (10 s)
 #: plus slack; a host still running then has stopped answering
@@ -45,6 +61,11 @@ class RunFailed(Exception):
 
 class RunInterrupted(RunFailed):
     """SIGINT or SIGTERM stopped the run: the caller should stop too."""
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGINT`` or ``SIGTERM``."""
+        return str(self).removeprefix("interrupted by ")
 
 
 @dataclass
@@ -117,8 +138,9 @@ class _Children:
             self._signal_groups(signal.SIGKILL)
 
 
-async def launch(opts: RunOptions, results_path: str) -> dict:
-    """Run one topology to completion; returns the host's results.
+async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
+    """Run one topology to completion; returns the host's results (and writes them to
+    ``results_path`` if given).
 
     Raises:
         RunFailed: a process failed, timed out, or the run was interrupted.
@@ -133,6 +155,7 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
     env = dict(os.environ)
     env["VTICK_TOKEN"] = token.hex()
     env[PARENT_ENV] = str(os.getpid())
+    env[RUN_DIR_ENV] = run_dir
     children = _Children()
     failure: list[str] = []
     try:
@@ -209,6 +232,11 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
                 for _, proc in children.procs:
                     await proc.wait()
             nursery.cancel_scope.cancel()
+    except* RunFailed as group:
+        # raised inside the nursery (the host never got ready): one RunFailed for the
+        # caller, not an ExceptionGroup traceback
+        if not failure:
+            failure.append(str(group.exceptions[0]))
     finally:
         await children.stop_all()
         results = _collect_and_remove(run_dir, host_results)
@@ -218,8 +246,25 @@ async def launch(opts: RunOptions, results_path: str) -> dict:
         raise RunFailed(failure[0])
     if results is None:
         raise RunFailed(f"host wrote no results ({describe_status(host.returncode or 0)})")
-    write_json(results_path, results)
+    if results_path is not None:
+        write_json(results_path, results)
     return results
+
+
+def orphaned_host_cleanup(results_path: str | None) -> bool:
+    """In a host started by :func:`launch`, after the run: if the launcher is gone (it was
+    SIGKILLed), remove the results file and the run directory it was written to, as the
+    launcher would have.  Returns True when it removed them."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    parent = os.environ.get(PARENT_ENV)
+    if not run_dir or not parent or os.getppid() == int(parent):
+        return False
+    if results_path and os.path.dirname(os.path.abspath(results_path)) == run_dir:
+        with contextlib.suppress(OSError):
+            os.remove(results_path)
+    with contextlib.suppress(OSError):
+        os.rmdir(run_dir)  # only if empty: the host's sockets are already gone
+    return not os.path.exists(run_dir)
 
 
 def _collect_and_remove(run_dir: str, host_results: str) -> dict | None:
