@@ -404,9 +404,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
 def _cmd_host(args: argparse.Namespace) -> int:
+    from vtick.host.lab.launcher import orphaned_host_cleanup
+    from vtick.host.lab.preflight import (
+        UsageError,
+        check_listen,
+        check_output_file,
+        check_params,
+    )
     from vtick.host.server import HostConfig, serve
 
+    try:  # mistakes caught before the host listens (host/lab/preflight.py)
+        check_params(dict(args.param), [args.workload])
+        check_listen(args.listen, args.vcpus)
+        if args.results:
+            check_output_file(args.results, "--results")
+    except UsageError as exc:
+        print(f"vtick host: {exc}", file=sys.stderr)
+        return 2
     cfg = HostConfig(
         listen=args.listen,
         vcpus=args.vcpus,
