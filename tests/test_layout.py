@@ -65,6 +65,7 @@ def test_host_top_level_is_the_vmm() -> None:
         "faults",
         "hrtimer",
         "machine",
+        "mutations",
         "results",
         "server",
     }
