@@ -292,6 +292,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     preempt_arg(run)
     _mutate_arg(run)
+    run.add_argument(
+        "--vcpus-per-process",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="run K vCPUs in each guest process, each with its own link and kernel "
+        "model (default: 1, a process per vCPU); lets 256 vCPUs fit on a small machine",
+    )
 
     cmp = sub.add_parser(
         "compare",
@@ -395,6 +403,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     br.add_argument("--rounds", type=positive_int, default=3, help="rounds (default: 3)")
     br.add_argument("--duration", type=duration, default=2.0, help="seconds per run (default: 2)")
+    bs = bsub.add_parser(
+        "scale", help="events/s, exit round trip and lateness for 1, 2, 4, ... vCPUs"
+    )
+    bs.add_argument(
+        "--largest",
+        type=positive_int,
+        default=64,
+        help="largest size with one process per vCPU (default 64)",
+    )
+    bs.add_argument(
+        "--packed",
+        type=nonneg_int,
+        default=256,
+        help="vCPUs of the packed run, 0 for none (default 256)",
+    )
+    bs.add_argument(
+        "--per-process",
+        type=positive_int,
+        default=16,
+        help="vCPUs per process when packed (default 16)",
+    )
+    bs.add_argument("--duration", type=duration, default=2.0, help="seconds per size (default 2)")
+    bs.add_argument(
+        "--plot", default=None, metavar="PNG", help="draw the curve here (default: none)"
+    )
     bl = bsub.add_parser(
         "lateness", help="vtick's timer lateness vs a bare timerfd storm, interleaved"
     )
@@ -473,6 +506,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from vtick.host.bench.recording import run_recording_bench
 
         return run_recording_bench(args.mode, args.rounds, args.duration)
+    if args.bench == "scale":
+        from vtick.host.bench.scale import run_scale_bench
+
+        return run_scale_bench(
+            args.largest, args.packed, args.per_process, args.duration, args.plot
+        )
     if args.bench == "lateness":
         from vtick.host.bench.lateness import run_lateness_bench
 

@@ -52,6 +52,8 @@ class CampaignOptions:
     trace: bool = False
     #: planted bugs for every path's host (a test aid; vtick.host.mutations)
     mutations: tuple[str, ...] = ()
+    #: vCPUs per guest process (launcher.RunOptions.vcpus_per_process)
+    vcpus_per_process: int = 1
 
     def runs(self) -> list[tuple[str, str]]:
         """(family, name) of every run, in order."""
@@ -122,6 +124,7 @@ async def run_campaign(
                 exit_cost=opts.exit_cost,
                 trace=opts.trace,
                 mutations=opts.mutations,
+                vcpus_per_process=opts.vcpus_per_process,
             )
             entry: dict[str, Any] = {"family": family, "name": name}
             with trio.CancelScope() as scope:

@@ -88,6 +88,9 @@ class RunOptions:
     mutations: tuple[str, ...] = ()
     #: seconds past the duration after which a still-running host has stopped answering
     host_grace_s: float = HOST_GRACE_S
+    #: vCPUs per guest process (each keeps its own link and kernel model); 1 = one
+    #: process per vCPU, as on a real host where each vCPU is a thread of its own
+    vcpus_per_process: int = 1
 
 
 def describe_status(returncode: int) -> str:
@@ -196,14 +199,16 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
             )
             children.add("host", host)
             await _wait_ready(host)
-            for i in range(opts.vcpus):
+            per = max(1, opts.vcpus_per_process)
+            for first in range(0, opts.vcpus, per):
+                last = min(first + per, opts.vcpus) - 1
                 proc = await trio.lowlevel.open_process(
                     _child_cmd(
                         "guest",
                         "--connect",
                         listen,
                         "--vcpu",
-                        str(i),
+                        str(first) if first == last else f"{first}-{last}",
                         *[
                             a
                             for k, v in sorted(opts.preempt.items())
@@ -214,7 +219,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-                children.add(f"vCPU {i}", proc)
+                children.add(f"vCPU {first}" if first == last else f"vCPUs {first}-{last}", proc)
             for name, proc in children.procs:
                 nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
             with trio.move_on_after(opts.duration_s + opts.host_grace_s):

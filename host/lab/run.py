@@ -95,6 +95,7 @@ def run_main(args: argparse.Namespace) -> int:
         exit_cost=args.exit_cost,
         trace=args.trace is not None,
         mutations=tuple(args.mutate),
+        vcpus_per_process=args.vcpus_per_process,
     )
     paths = opts.runs()
     # a terminal gets its own width; a pipe or a log file gets room for the full tables
