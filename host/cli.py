@@ -394,6 +394,13 @@ def _parser() -> argparse.ArgumentParser:
         "--timers", type=positive_int, default=1_000_000, help="timers (default: 1000000)"
     )
     bw.add_argument("--seed", type=nonneg_int, default=1, help="workload seed (default: 1)")
+    bw.add_argument(
+        "--shape",
+        choices=["hrtimer", "watchdog"],
+        default="hrtimer",
+        help="hrtimer: the normal life of host hrtimers; watchdog: every timer pushed back "
+        "16 times before it fires (default: hrtimer)",
+    )
     br = bsub.add_parser("recording", help="a run with trace recording on vs off")
     br.add_argument(
         "--mode",
@@ -519,7 +526,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "wheel":
         from vtick.host.bench.wheel import run_wheel_bench
 
-        return run_wheel_bench(timers=args.timers, seed=args.seed)
+        return run_wheel_bench(timers=args.timers, seed=args.seed, shape=args.shape)
     from vtick.host.bench.transport import run_transport_bench
 
     return run_transport_bench(count=args.count, warmup=args.warmup, block=args.block)
