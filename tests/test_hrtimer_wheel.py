@@ -260,7 +260,26 @@ def test_bench_runs_and_verifies(capsys):
     assert "hrtimer wheel" in out
     assert "heapq lazy deletion" in out
     assert "ratio" in out
-    assert "verified: both fired the same" in out
+    assert "verified: every queue fired the same" in out
+
+
+def test_watchdog_shape_fires_every_timer_once_at_its_last_expiry(capsys):
+    w = bench_wheel.make_watchdog_workload(200, seed=5)
+    assert len(w.times) == 200 * (bench_wheel.REARMS + 1)
+    assert sorted(w.expected_handles) == list(range(200))
+    assert list(w.times) == sorted(w.times)
+    assert bench_wheel.run_wheel_bench(timers=200, seed=5, rounds=1, shape="watchdog") == 0
+    out = capsys.readouterr().out
+    assert "heapq + compaction" in out
+    assert "verified: every queue fired the same 200" in out
+
+
+def test_compacting_heap_bounds_its_stale_entries():
+    q = bench_wheel.HeapTimerQueue(compact=True)
+    for i in range(1000):
+        q.arm("one", 10**9 + i)  # every re-arm leaves a stale entry behind
+    assert q.peak <= 64 + 2
+    assert q.expire(2 * 10**9) == ["one"]
 
 
 def test_bench_fails_loudly_when_a_queue_is_wrong(monkeypatch):

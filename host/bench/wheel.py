@@ -79,12 +79,13 @@ class HeapTimerQueue:
         self._armed[handle] = entry
         heap = self._heap
         heapq.heappush(heap, entry)
-        if len(heap) > self.peak:
-            self.peak = len(heap)
-            if 0 <= self._limit < len(heap) > 2 * len(self._armed):
-                armed = self._armed
-                heap[:] = [e for e in heap if armed.get(e[2]) is e]
-                heapq.heapify(heap)
+        n = len(heap)
+        if n > self.peak:
+            self.peak = n
+        if 0 <= self._limit < n > 2 * len(self._armed):
+            armed = self._armed
+            heap[:] = [e for e in heap if armed.get(e[2]) is e]
+            heapq.heapify(heap)
 
     def cancel(self, handle: Hashable) -> bool:
         return self._armed.pop(handle, None) is not None
