@@ -441,9 +441,125 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--rounds", type=positive_int, default=3, help="blocks per path (default 3)")
     bl.add_argument("--duration", type=duration, default=2.0, help="seconds per block (default 2)")
     bl.add_argument("--seed", type=nonneg_int, default=1, help="storm seed (default 1)")
+    _conformance_parsers(sub)
     return parser
 
 
+# ---------------------------------------------------------------------- conformance (issue 11)
+
+
+def _conformance_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cases",
+        default=None,
+        metavar="PATTERN",
+        help="comma-separated case ids, prefixes or globs, e.g. 'lapic.timer,link.*' "
+        "(default: every case)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a failed SHOULD is a failure, not non-strict (default: off)",
+    )
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
+    p.add_argument("--junit", default=None, metavar="PATH", help="write JUnit XML here")
+    p.add_argument("--html", default=None, metavar="PATH", help="write one HTML page here")
+
+
+def _host_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--connect",
+        type=url,
+        default=None,
+        metavar="URL",
+        help="a running host's base URL (token from $VTICK_TOKEN or --token-file)",
+    )
+    p.add_argument(
+        "--host-cmd",
+        default=None,
+        metavar="CMD",
+        help="start the host with CMD; {url}, {vcpus}, {duration} and {results} are filled "
+        "in, the token is in $VTICK_TOKEN, READY on stdout means ready "
+        "(default: vtick's own host)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help=f"the token of a --connect host, in hex (default: ${TOKEN_ENV})",
+    )
+
+
+def _conformance_parsers(sub: typing.Any) -> None:
+    conf = sub.add_parser("conformance", help="check a host or a guest against the protocol")
+    csub = conf.add_subparsers(dest="side", required=True)
+    ch = csub.add_parser(
+        "host",
+        help="play guest peers against a host: handshake, codec, link, LAPIC, timers, IPIs, "
+        "PV devices, shutdown",
+    )
+    _host_target_args(ch)
+    ch.add_argument(
+        "--vcpus",
+        type=_vcpu_count,
+        default=4,
+        help="vCPUs of a host the suite starts (default: 4)",
+    )
+    _mutate_arg(ch)
+    _conformance_outputs(ch)
+    cg = csub.add_parser("guest", help="run a guest against a scripted host")
+    cg.add_argument(
+        "--guest-cmd",
+        default=None,
+        metavar="CMD",
+        help="the guest program; {url} and {vcpu} are filled in, the token is in "
+        "$VTICK_TOKEN (default: vtick's own guest)",
+    )
+    cg.add_argument(
+        "--modes",
+        type=_choices(list(MODE_NAMES)),
+        default=None,
+        help="timer modes to boot the guest in (default: pv-ktime,lapic-xapic,tsc-deadline)",
+    )
+    _conformance_outputs(cg)
+    fz = sub.add_parser("fuzz", help="fuzz a running host while a well-behaved vCPU works")
+    _host_target_args(fz)
+    fz.add_argument(
+        "--messages", type=positive_int, default=10_000, help="messages to send (default: 10000)"
+    )
+    fz.add_argument("--seed", type=nonneg_int, default=1, help="generator seed (default: 1)")
+    fz.add_argument(
+        "--save",
+        default="vtick-fuzz-failures",
+        metavar="DIR",
+        help="where failing inputs are saved (default: vtick-fuzz-failures)",
+    )
+    fz.add_argument(
+        "--replay",
+        default=None,
+        metavar="FILE",
+        help="send a saved failing input again instead of fuzzing",
+    )
+    fz.add_argument("--json", default=None, metavar="PATH", help="write the fuzz report here")
+
+
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    if args.side == "host":
+        from vtick.host.conformance.main import conformance_host_main
+
+        return conformance_host_main(args)
+    from vtick.host.conformance.guestside import conformance_guest_main
+
+    return conformance_guest_main(args)
+
+
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    from vtick.host.conformance.fuzz import fuzz_main
+
+    return fuzz_main(args)
+
+
+# ---------------------------------------------------------------------- end of conformance
 
 
 def _cmd_host(args: argparse.Namespace) -> int:
@@ -543,5 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host": _cmd_host,
         "bench": _cmd_bench,
         "compare": _cmd_compare,
+        "conformance": _cmd_conformance,
+        "fuzz": _cmd_fuzz,
     }[args.command]
     return handler(args)

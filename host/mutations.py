@@ -35,7 +35,36 @@ class Mutation:
 
 #: every planted bug: one table; each hook cites its entry's name.  Entries are added
 #: with their hooks (the chaos and conformance issues).
-_TABLE: tuple[Mutation, ...] = ()
+_TABLE: tuple[Mutation, ...] = (
+    # ---- conformance (issue 11): `vtick conformance host --mutate NAME` fails these cases
+    Mutation(
+        "ignore-tdcr",
+        "the LAPIC timer counts with the reset divisor (2) whatever TDCR says",
+        "conformance lapic.timer.tdcr.{1,2,3,8,9,a,b}",
+    ),
+    Mutation(
+        "x2apic-no-gp",
+        "an x2APIC MSR that is reserved, read-only or write-only (or a reserved value) "
+        "is read as 0 or ignored instead of raising #GP",
+        "conformance x2apic.msr.gp.* (the MSRs not both readable and writable)",
+    ),
+    Mutation(
+        "pvclock-odd-version",
+        "kvmclock publishes its parameters with an odd version (update in progress)",
+        "conformance pv.kvmclock.publish",
+    ),
+    Mutation(
+        "periodic-no-clamp",
+        "a periodic LAPIC timer period below 200 us is not raised to KVM's minimum",
+        "conformance lapic.timer.periodic.min-period",
+    ),
+    Mutation(
+        "replay-executes",
+        "a duplicate (already delivered) sequenced frame is executed again",
+        "conformance link.duplicate, link.replay.icr",
+    ),
+    # ---- end conformance
+)
 
 #: every planted bug, by name
 MUTATIONS: dict[str, Mutation] = {mutation.name: mutation for mutation in _TABLE}

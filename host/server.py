@@ -13,6 +13,8 @@ have lost a message is recorded in the results under ``link_errors``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hmac
 import secrets
@@ -42,7 +44,7 @@ from vtick.host.results import write_json
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
 from vtick.proto.catalog import CPU_ONLINE
-from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode, encode
+from vtick.proto.codec import DEFAULT_MAX_MESSAGE, Frame, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
 from vtick.proto.lifecycle import watch_parent, watch_signals
 from vtick.proto.link import Link
@@ -237,16 +239,30 @@ class VcpuLink:
             await self._handshake(data, pipe, now)
             return
         if pipe.id != self.session_pipe:
-            # Not the pipe the session lives on: a new process or a resumed one says
-            # hello first; anything else is left over from a previous pipe (a dead
-            # process's last frames) and must not be read as this session's.
-            if self._try_hello(data) is not None:
-                await self._handshake(data, pipe, now)
-            else:
+            # Not the pipe the session lives on (docs/protocol.md §3.4).  A hello is a new
+            # process or a resume.  A valid frame may be the session's own process on its
+            # new pipe, its resume hello still on the way: ignored.  A frame that does not
+            # decode is a stranger's, answered as before any handshake: refused, pipe
+            # closed, counted (issue 11, defect a: it was dropped in silence, and the
+            # stranger kept the link from a correct vCPU).
+            try:
+                frame: Frame | None = decode(data, self.host.cfg.max_message)
+            except ProtocolError:
+                frame = None
+            if frame is not None and not isinstance(frame.msg, m.Hello):
                 self.stale_frames += 1
+                return
+            if frame is None:
+                self.bad_messages += 1
+            await self._handshake(data, pipe, now)
             return
         try:
+            duplicates = self.link.stats.duplicates
             msgs = self.link.receive(data, now)
+            if self.link.stats.duplicates > duplicates and self.host.mutations.on(
+                "replay-executes"
+            ):
+                msgs = [decode(data, self.host.cfg.max_message).msg]  # a duplicate runs again
         except ProtocolError as exc:
             # Could be a stranger on a replaced pipe, or a fresh guest process whose
             # hello we must still see: only a hello decodes without a session.
@@ -330,14 +346,22 @@ class VcpuLink:
             )
             self.flush()
             return
-        if live and link is not None:
-            if hello.pid == self.guest_pid and link.recv_next == 1:
-                # The vCPU repeats its hello until a welcome arrives; this one crossed
-                # ours.  Same process, nothing sequenced yet: answer it again.
-                self.session_pipe = pipe.id
-                link.send(self._welcome(resumed=None), now)
-                self.flush()
-                return
+        if live and link is not None and hello.pid == self.guest_pid and link.recv_next == 1:
+            # The vCPU repeats its hello until a welcome arrives; this one crossed
+            # ours.  Same process, nothing sequenced yet: answer it again.
+            self.session_pipe = pipe.id
+            link.send(self._welcome(resumed=None), now)
+            self.flush()
+            return
+        if self.host.stopping:
+            # refused before anything changes: a late hello must not touch the vCPU or
+            # the record of a run that ended cleanly (issue 11, defect c)
+            await self._raw_reply(
+                pipe, m.Refuse(code=ErrorCode.SHUTTING_DOWN, reason="run is over")
+            )
+            return
+        if live and link is not None and self.state is not LinkState.DONE:
+            # (after a clean goodbye nothing was lost: a new session simply follows)
             lost = link.unacked_range()
             self.record_error(
                 f"session {self.session} (pid {self.guest_pid}) replaced by a new process "
@@ -351,11 +375,6 @@ class VcpuLink:
         if live or self.sessions:
             # a new process on this vCPU starts from a reset vCPU, not the old one's state
             self.host.machine.reset_vcpu(self.vcpu, now)
-        if self.host.stopping:
-            await self._raw_reply(
-                pipe, m.Refuse(code=ErrorCode.SHUTTING_DOWN, reason="run is over")
-            )
-            return
         self.session = secrets.randbits(63) or 1
         self.sessions += 1
         self.guest_pid = hello.pid
@@ -421,15 +440,16 @@ class VcpuLink:
             self.exits.record(msg, host_ns, modeled)
             if modeled:
                 await _model_host_cost(modeled)
-            # New kvmclock parameters go out before the reply: the guest must see a
-            # valid clock when its WRMSR returns, as KVM updates the page before entry.
-            self.host.send_publications()
+            # What the exit caused goes out before its reply (issue 11, defect b): new
+            # kvmclock parameters (KVM updates the page before entry) and the interrupts
+            # it raised, which KVM has pending on the entry that completes the instruction
+            # (kvm-unit-tests' TSC-deadline test); run_actions sends publications first.
+            self.host.run_actions()
             if not result.deferred:
                 self.send(
                     m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
                     now,
                 )
-            self.host.run_actions()
         elif isinstance(msg, m.Csd | m.CsdDone):
             self.host.relay_memory(self, msg)
         elif isinstance(msg, m.Report):
@@ -706,13 +726,13 @@ class Host:
                     "spurious": r.spurious,
                     "exits": r.exits,
                     "exit_rtt_ns_total": r.exit_rtt_ns,
-                    "lateness_hdr": r.lateness_hdr.decode("ascii"),
+                    "lateness_hdr": _hdr_text(vl, "lateness_hdr", r.lateness_hdr),
                     "lateness_max_ns": r.lateness_max,
                     "duration_ns": r.duration_ns,
                     "mode": r.mode,
                     "counters": r.counters or {},
-                    "ipi_hdr": r.ipi_hdr.decode("ascii") if r.ipi_hdr else None,
-                    "call_hdr": r.call_hdr.decode("ascii") if r.call_hdr else None,
+                    "ipi_hdr": _hdr_text(vl, "ipi_hdr", r.ipi_hdr),
+                    "call_hdr": _hdr_text(vl, "call_hdr", r.call_hdr),
                     "timeline": [
                         list(pair) for pair in struct.iter_unpack("<qq", r.timeline or b"")
                     ]
@@ -754,6 +774,21 @@ class Host:
                 for e in vcpus
             ),
         }
+
+
+def _hdr_text(vl: VcpuLink, field: str, blob: bytes | None) -> str | None:
+    """A report's HDR histogram as the base64 text it must be; anything else (the schema
+    admits any bytes) is recorded against the vCPU and dropped, so one bad report cannot
+    stop the host writing everyone's results (found by ``vtick fuzz``)."""
+    if not blob:
+        return None
+    try:
+        text = blob.decode("ascii")
+        base64.b64decode(text, validate=True)
+    except (UnicodeDecodeError, binascii.Error):
+        vl.record_error(f"report.{field} is not a base64 HDR histogram; dropped")
+        return None
+    return text
 
 
 async def _model_host_cost(ns: int) -> None:

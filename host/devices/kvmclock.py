@@ -112,6 +112,8 @@ class KvmClock:
         # KVM: version |= 1 (odd: "update in progress"), write the fields, version += 1.
         # Here the fields change in one assignment, so the odd value is never visible.
         version = (vcpu.pvclock.version + 2) & U32_MASK & ~1
+        if self.machine.mutations.on("pvclock-odd-version"):
+            version |= 1  # mutation: the odd "update in progress" version is published
         vcpu.pvclock = self.machine.tsc.publish(now, version)
         self.publications[vcpu.vcpu] += 1
         if vcpu.vcpu not in self.pending_publications:

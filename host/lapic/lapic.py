@@ -462,6 +462,8 @@ class Lapic:
                 return self._icr64()
             value = self._read(offset, now)
             if value is None:
+                if self.mutations.on("x2apic-no-gp"):
+                    return 0  # mutation: no #GP
                 raise _gp(f"rdmsr {msr:#x}: not readable in x2APIC mode")
             return value
         raise _gp(f"rdmsr {msr:#x}: not a LAPIC MSR")
@@ -492,6 +494,8 @@ class Lapic:
             if value >> 32:
                 raise _gp(f"wrmsr {msr:#x}: bits 63:32 are reserved")
             if not self._write(offset, value, now):
+                if self.mutations.on("x2apic-no-gp"):
+                    return  # mutation: no #GP
                 raise _gp(f"wrmsr {msr:#x}: not writable in x2APIC mode")
             return
         raise _gp(f"wrmsr {msr:#x}: not a LAPIC MSR")
@@ -726,6 +730,8 @@ class Lapic:
         old_divisor = self._divisor
         self._regs[r.APIC_TDCR] = value & r.APIC_TDCR_MASK
         self._divisor = tdcr_divisor(self._regs[r.APIC_TDCR])
+        if self.mutations.on("ignore-tdcr"):
+            self._divisor = tdcr_divisor(0)  # mutation: the reset divisor whatever TDCR says
         # DEVIATION: KVM rescales whenever period != 0, even when a one-shot has already
         # expired (target_expiration = 0), which re-arms it at "now" and fires a second,
         # spurious one-shot interrupt.  We rescale only a timer that is still counting.
@@ -942,6 +948,8 @@ class Lapic:
     def _limit_periodic_timer_frequency(self) -> None:
         """Periodic mode only: raise period to ``min_timer_period_ns`` (KVM 200 us)."""
         if self._is_periodic() and self._period and self._period < self._min_period:
+            if self.mutations.on("periodic-no-clamp"):
+                return  # mutation: the period stays below KVM's minimum
             self._period = self._min_period
             self.stats.timer_period_clamped += 1
 
