@@ -743,7 +743,8 @@ class Host:
                 entry["guest"] = None
                 if not vl.errors:
                     vl.errors.append("vCPU sent no report")
-                    entry["link_errors"] = list(vl.errors)
+            # again: reading the report may have recorded a problem with it
+            entry["link_errors"] = list(vl.errors)
             vcpus.append(entry)
         return {
             "vtick": 1,
