@@ -40,7 +40,32 @@ def parser() -> argparse.ArgumentParser:
         metavar="NS",
         help="run this vCPU's clock NS ahead of CLOCK_MONOTONIC, as on another machine",
     )
+    # issue 12: a clock that drifts, and the host's tracking of it
+    p.add_argument(
+        "--clock-drift-ppm",
+        type=_drift_ppm,
+        default=0,
+        metavar="P",
+        help="make this vCPU's clock run P parts per million fast (negative: slow), as "
+        "another machine's oscillator (default: 0)",
+    )
+    p.add_argument(
+        "--no-clock-tracking",
+        action="store_true",
+        help="keep the handshake's clock offset for the whole run and ignore the host's "
+        "corrections (before issue 12; for comparison) (default: tracking on)",
+    )
     return p
+
+
+def _drift_ppm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ppm") from None
+    if not -100_000 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"drift {text} ppm is beyond +-100000 ppm (10 %)")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,9 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vtick.proto.transport import set_clock_skew
 
         set_clock_skew(args.clock_skew)
+    if args.clock_drift_ppm:
+        from vtick.proto.transport import set_clock_drift
+
+        set_clock_drift(round(args.clock_drift_ppm * 1000))
     token = cliargs.read_token(args.token_file)
     cfgs = [
-        GuestConfig(connect=args.connect, vcpu=i, token=token, preempt_ns=dict(args.preempt))
+        GuestConfig(
+            connect=args.connect,
+            vcpu=i,
+            token=token,
+            preempt_ns=dict(args.preempt),
+            clock_tracking=not args.no_clock_tracking,
+            synthetic_clock=bool(args.clock_skew or args.clock_drift_ppm),
+        )
         for i in args.vcpu
     ]
     try:

@@ -13,6 +13,12 @@ Modelled on ``kernel/time/hrtimer.c``:
 
 Callbacks are plain functions ``callback(now, expires) -> new_expiry | None`` (``None``
 = HRTIMER_NORESTART); they do no exits, so they cannot block the interrupt path.
+
+Every arming gets its own id (the queue's start order, unique per vCPU), kept from
+``start`` to the callback or the cancel: the chaos history (``host/chaos/``) follows a
+timer by it, not by matching times.  ``HrtimerQueue.listener`` hears every start, cancel
+and replacement, and :attr:`HighResTimers.programming` names the arming the device is
+being programmed for while that exit is out.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 from vtick.guest.clockevents import KTIME_MAX, ClockEventDevice, ClockEvents
 from vtick.guest.cpu import KernelOp
+from vtick.proto.eventlog import CANCEL_CANCELLED, CANCEL_REPLACED, G_ARM, G_CANCEL
 
 __all__ = ["HrtimerQueue", "HighResTimers", "HrtimerCallback", "Expiry"]
 
@@ -40,6 +47,8 @@ class Expiry:
     ran_at: int
     #: when the device was last programmed before this callback ran (0: never)
     programmed_at: int = 0
+    #: the arming's id (its start order in the queue; -1: unknown)
+    arm: int = field(default=-1, compare=False)
 
     @property
     def lateness(self) -> int:
@@ -52,7 +61,12 @@ class HrtimerQueue:
 
     _heap: list[tuple[int, int, Hashable]] = field(default_factory=list)
     _armed: dict[Hashable, tuple[int, int, HrtimerCallback]] = field(default_factory=dict)
-    _order: itertools.count[int] = field(default_factory=itertools.count)
+    _order: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: told (G_ARM, arm id, expires) and (G_CANCEL, arm id, CANCEL_*) (the chaos
+    #: history, vtick.proto.eventlog); None = not recording
+    listener: Callable[[int, int, int], None] | None = None
+    #: the arm id of the timer pop_due returned last
+    popped_arm: int = -1
 
     def __len__(self) -> int:
         return len(self._armed)
@@ -60,12 +74,20 @@ class HrtimerQueue:
     def start(self, timer: Hashable, expires: int, callback: HrtimerCallback) -> None:
         """``hrtimer_start`` (absolute mode): (re)arm ``timer`` for ``expires``."""
         order = next(self._order)
+        if self.listener is not None:
+            old = self._armed.get(timer)
+            if old is not None:  # hrtimer_start on an armed timer removes it first
+                self.listener(G_CANCEL, old[1], CANCEL_REPLACED)
+            self.listener(G_ARM, order, expires)
         self._armed[timer] = (expires, order, callback)
         heapq.heappush(self._heap, (expires, order, timer))
 
     def cancel(self, timer: Hashable) -> bool:
         """``hrtimer_cancel``: True if it was armed."""
-        return self._armed.pop(timer, None) is not None
+        entry = self._armed.pop(timer, None)
+        if entry is not None and self.listener is not None:
+            self.listener(G_CANCEL, entry[1], CANCEL_CANCELLED)
+        return entry is not None
 
     def expires(self, timer: Hashable) -> int | None:
         entry = self._armed.get(timer)
@@ -99,13 +121,19 @@ class HrtimerQueue:
         self._prune()
         return self._heap[0][0] if self._heap else None
 
+    def next_arm(self) -> int:
+        """The arm id of the earliest timer (0 when none)."""
+        self._prune()
+        return self._heap[0][1] if self._heap else 0
+
     def pop_due(self, now: int) -> tuple[Hashable, int, HrtimerCallback] | None:
         """Remove and return the earliest timer due at ``now``, or None."""
         self._prune()
         if not self._heap or self._heap[0][0] > now:
             return None
-        expires, _, timer = heapq.heappop(self._heap)
+        expires, order, timer = heapq.heappop(self._heap)
         _, _, callback = self._armed.pop(timer)
+        self.popped_arm = order
         return timer, expires, callback
 
 
@@ -133,6 +161,8 @@ class HighResTimers:
         self.interrupts = 0
         self.retries = 0  # -ETIME answers that made hrtimer_interrupt loop
         self.ran = 0
+        #: the arm id the device is being programmed for while that exit is out (0: none)
+        self.programming = 0
 
     @property
     def dev(self) -> ClockEventDevice:
@@ -150,7 +180,9 @@ class HighResTimers:
             timer, expires, callback = item
             ran += 1
             if self.on_expiry is not None:
-                self.on_expiry(Expiry(timer, expires, now, self.programmed_at))
+                self.on_expiry(
+                    Expiry(timer, expires, now, self.programmed_at, arm=self.queue.popped_arm)
+                )
             again = callback(now, expires)
             if again is not None:
                 self.queue.start(timer, again, callback)
@@ -171,7 +203,11 @@ class HighResTimers:
             if nxt == self.dev.next_event:
                 return
             self.programmed_at = self.core.clock()
-            rc = yield from self.core.program_event(self.dev, nxt, force=False)
+            self.programming = self.queue.next_arm()
+            try:
+                rc = yield from self.core.program_event(self.dev, nxt, force=False)
+            finally:
+                self.programming = 0
             if rc == 0:
                 return
             self.retries += 1

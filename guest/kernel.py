@@ -143,6 +143,9 @@ class GuestKernel:
         self.jiffies = 0
         self.spurious = 0
         self.unhandled = 0
+        #: EOIs performed (by an exit, or by clearing the PV EOI flag): the chaos LAPIC
+        #: check holds the host's count against it
+        self.eois = 0
 
     # ------------------------------------------------------------------ boot
 
@@ -225,6 +228,7 @@ class GuestKernel:
         if pv_eoi:
             self.ops.pv_eoi_pending = True
         yield from self.ops.eoi()
+        self.eois += 1
         if vector in (Vector.CALL_FUNCTION, Vector.CALL_FUNCTION_SINGLE):
             yield from self.smp.flush_queue()
             return

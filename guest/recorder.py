@@ -1,4 +1,5 @@
-"""A bounded, compact record of the first exits and interrupts of a run (``--trace``).
+"""A bounded, compact record of the first exits and interrupts of a run (``--trace``),
+and the unbounded one of a chaos run (:class:`HistoryRecorder`).
 
 Recording must not distort what it measures: records go into preallocated-style
 ``array('q')`` buffers (four signed 64-bit integers each, no per-record objects), stop
@@ -10,8 +11,33 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Callable
 
-__all__ = ["Recorder", "EXIT_RECORDS", "IRQ_RECORDS", "EVENT_RECORDS", "CALL_RECORDS"]
+from vtick.proto.eventlog import (
+    G_ARM,
+    G_CANCEL,
+    G_CLOCK,
+    G_END,
+    G_EXIT,
+    G_FIRE,
+    G_IRQ,
+    G_LINK,
+    G_SESSION,
+    G_STALL,
+    G_START,
+    G_WINDOW,
+    EventLog,
+)
+from vtick.proto.pvclock import PvclockInfo
+
+__all__ = [
+    "Recorder",
+    "HistoryRecorder",
+    "EXIT_RECORDS",
+    "IRQ_RECORDS",
+    "EVENT_RECORDS",
+    "CALL_RECORDS",
+]
 
 #: the window: at most this many exits and interrupts (fits one trace message)
 EXIT_RECORDS = 1280
@@ -81,3 +107,82 @@ class Recorder:
                 records.byteswap()
             out[name] = records.tobytes()
         return out
+
+
+class HistoryRecorder:
+    """The guest half of a chaos run's history: every event of the whole run, not a window.
+
+    Where :class:`Recorder` keeps a bounded window in memory and ships it at the end,
+    this writes each event at once into an event log file in the run directory
+    (``vtick.proto.eventlog``): an mmap-ed file, so recording costs one ``pack_into``
+    per event and a vCPU process killed with SIGKILL keeps every record it wrote.  Times
+    are guest ktime, read through ``clock``; ids are this process's (arm ids from the
+    hrtimer queue, IPI and csd ids from ``Smp``, exit and injection numbers from the
+    link).  Record layouts: ``vtick.proto.eventlog``.
+    """
+
+    def __init__(
+        self, target: str | int, header: dict[str, object], clock: Callable[[], int]
+    ) -> None:
+        self.log = EventLog(target, header)
+        self.clock = clock
+        self.irqs_handled = 0
+
+    def session(
+        self, session: int, tsc_khz: int, tsc_epoch: int, offset: int, vcpu: int, pid: int
+    ) -> None:
+        self.log.add(G_SESSION, 0, session, tsc_khz, tsc_epoch, offset, vcpu, pid)
+
+    def clock_info(self, info: PvclockInfo) -> None:
+        """The kvmclock parameters ktime is read through from now on."""
+        self.log.add(
+            G_CLOCK, 0, info.version, info.tsc_timestamp, info.system_time,
+            info.tsc_to_system_mul, info.tsc_shift, info.flags,
+        )  # fmt: skip
+
+    def timer(self, event: int, arm: int, value: int) -> None:
+        """The hrtimer queue's listener: (G_ARM, arm, expires) or (G_CANCEL, arm, why)."""
+        if event == G_ARM:
+            self.log.add(G_ARM, self.clock(), arm, value)
+        else:
+            self.log.add(G_CANCEL, self.clock(), arm, 0, value)
+
+    def smp(self, event: int, a: int, b: int, c: int) -> None:
+        """Smp's listener: IPI sends, csd queue/run/wait."""
+        self.log.add(event, self.clock(), a, b, c)
+
+    def fire(self, arm: int, expires: int, ran_at: int, programmed_at: int, irq: int) -> None:
+        self.log.add(G_FIRE, ran_at, arm, expires, programmed_at, irq)
+
+    def exit_sent(self, sent: int, seq: int, kind: int, arm: int, ipi: int) -> int:
+        return self.log.add(G_EXIT, sent, seq, kind, 0, 0, arm, ipi)
+
+    def exit_done(self, slot: int, rtt: int, host_ns: int) -> None:
+        self.log.patch(slot, 5, host_ns)
+        self.log.patch(slot, 4, max(rtt, 1))
+
+    def irq_arrived(self, seq: int, vector: int, host_time: int, pv_eoi: bool) -> int:
+        return self.log.add(G_IRQ, self.clock(), seq, vector, 0, host_time, int(pv_eoi))
+
+    def irq_handled(self, slot: int) -> None:
+        self.irqs_handled += 1
+        if slot >= 0:
+            self.log.patch(slot, 4, self.clock())
+
+    def stall(self, at: int, gap: int) -> None:
+        self.log.add(G_STALL, at, gap)
+
+    def window(self, start: int, end: int, point: int) -> None:
+        self.log.add(G_WINDOW, start, end, point)
+
+    def link(self, fault: int, direction: int, seq: int) -> None:
+        self.log.add(G_LINK, self.clock(), fault, direction, seq)
+
+    def start(self, at: int) -> None:
+        self.log.add(G_START, at)
+
+    def end(self, at: int, eois: int, pv_unreported: int) -> None:
+        self.log.add(G_END, at, eois, pv_unreported, self.irqs_handled)
+
+    def close(self) -> None:
+        self.log.close()

@@ -22,6 +22,10 @@ when another sender got there first (counted on the target as ``empty_queue_ipis
 
 Functions are named (the wire carries a name, not code); :data:`FUNCTIONS` holds them.
 
+For the chaos history (``host/chaos/``) each IPI a sender raises gets an id (per vCPU),
+named by :attr:`Smp.sending` while its exits are out; a csd keeps its id from queue to
+run to wait; ``Smp.listener`` hears each of those events (``vtick.proto.eventlog``).
+
 ``cpu_online_mask`` is memory too: a booted vCPU announces itself to every other with a
 ``cpu_online`` csd store (no IPI), and calls only target online CPUs, as Linux's do.
 The ALLBUT shortcut is used only once every CPU is online (Linux enables shorthands
@@ -39,6 +43,15 @@ from vtick.guest.cpu import KernelOp, MemoryWrite, SpinWait, preemption_point
 from vtick.proto import messages as m
 from vtick.proto.abi import Vector
 from vtick.proto.catalog import CPU_ONLINE, PREEMPT_CSD_WAIT
+from vtick.proto.eventlog import (
+    CSD_CUT_OFF,
+    CSD_ERROR,
+    CSD_OK,
+    G_CSD_QUEUE,
+    G_CSD_RUN,
+    G_CSD_WAIT,
+    G_IPI_SEND,
+)
 
 __all__ = [
     "Smp",
@@ -115,6 +128,12 @@ class Smp:
         self.run_over = False
         #: told (returned, latency) of every completed call (the vCPU's timeline)
         self.on_call: Callable[[int, int], None] | None = None
+        #: told (G_* kind, a, b, c) of IPI sends and csd queue/run/wait (the chaos
+        #: history, vtick.proto.eventlog); None = not recording
+        self.listener: Callable[[int, int, int, int], None] | None = None
+        #: the id of the IPI whose exits are out (0: none)
+        self.sending = 0
+        self._next_ipi = 1
 
     def end_of_run(self) -> None:
         """The run is over: every vCPU stops running csds, so no wait can complete."""
@@ -160,6 +179,8 @@ class Smp:
             msg = m.Csd(
                 src=self.cpu, dst=target, id=key[1], func=func, info=info, wait=wait, sent=sent
             )
+            if self.listener is not None:
+                self.listener(G_CSD_QUEUE, key[1], target, int(wait))
             yield MemoryWrite(msg)
             self.stats.csds_sent += 1
             if was_empty:
@@ -200,20 +221,37 @@ class Smp:
 
     def send_reschedule(self, cpu: int) -> KernelOp[None]:
         """``smp_send_reschedule``."""
-        yield from self.ops.send_IPI(cpu, Vector.RESCHEDULE)
+        self._ipi(Vector.RESCHEDULE, [cpu])
+        try:
+            yield from self.ops.send_IPI(cpu, Vector.RESCHEDULE)
+        finally:
+            self.sending = 0
         self.stats.ipis_sent += 1
+
+    def _ipi(self, vector: int, cpus: list[int]) -> None:
+        """Name the IPI about to be raised (its exits carry the id in the history)."""
+        self.sending = self._next_ipi
+        self._next_ipi += 1
+        if self.listener is not None:
+            self.listener(G_IPI_SEND, self.sending, vector, sum(1 << c for c in cpus))
 
     def _send_ipis(self, cpus: list[int]) -> KernelOp[None]:
         """``arch_send_call_function_ipi_mask`` / ``..._single_ipi``."""
         others = [c for c in range(self.ncpus) if c != self.cpu]
         all_online = len(self.online) == self.ncpus
-        if len(cpus) == 1:
-            yield from self.ops.send_IPI(cpus[0], Vector.CALL_FUNCTION_SINGLE)
-        elif self.shortcuts and all_online and cpus == others:
-            yield from self.ops.send_IPI_allbutself(Vector.CALL_FUNCTION)
-            self.stats.shortcut_ipis += 1
-        else:
-            yield from self.ops.send_IPI_mask(cpus, Vector.CALL_FUNCTION)
+        try:
+            if len(cpus) == 1:
+                self._ipi(Vector.CALL_FUNCTION_SINGLE, cpus)
+                yield from self.ops.send_IPI(cpus[0], Vector.CALL_FUNCTION_SINGLE)
+            elif self.shortcuts and all_online and cpus == others:
+                self._ipi(Vector.CALL_FUNCTION, cpus)
+                yield from self.ops.send_IPI_allbutself(Vector.CALL_FUNCTION)
+                self.stats.shortcut_ipis += 1
+            else:
+                self._ipi(Vector.CALL_FUNCTION, cpus)
+                yield from self.ops.send_IPI_mask(cpus, Vector.CALL_FUNCTION)
+        finally:
+            self.sending = 0
         self.stats.ipis_sent += len(cpus)
 
     def _wait(self, keys: list[tuple[int, int]]) -> KernelOp[list[str] | None]:
@@ -232,17 +270,24 @@ class Smp:
         errors: list[str] = []
         cut_off = False
         for key in keys:
+            outcome = CSD_OK
             if key in self.outstanding:
                 del self.outstanding[key]
                 if self.run_over:
                     cut_off = True
-                    continue
-                self.stats.timeouts += 1
-                errors.append(
-                    f"vCPU {key[0]} did not run csd {key[1]} within {self.timeout_ns / 1e6:.0f} ms"
-                )
+                    outcome = CSD_CUT_OFF
+                else:
+                    self.stats.timeouts += 1
+                    errors.append(
+                        f"vCPU {key[0]} did not run csd {key[1]} within "
+                        f"{self.timeout_ns / 1e6:.0f} ms"
+                    )
+                    outcome = CSD_ERROR
             elif key in self.failed:
                 errors.append(self.failed.pop(key))
+                outcome = CSD_ERROR
+            if self.listener is not None:
+                self.listener(G_CSD_WAIT, key[1], key[0], outcome)
         self.stats.errors += len(errors)
         if cut_off and not errors:
             self.stats.cut_off += 1
@@ -292,6 +337,8 @@ class Smp:
             if not csd.wait:
                 yield MemoryWrite(done)  # async: unlock first, then run
             fn(self.cpu, csd.info)
+            if self.listener is not None:
+                self.listener(G_CSD_RUN, csd.src, csd.id, 0)
             self.stats.csds_run += 1
             self.stats.ipi_latency_ns.append(done.ran - csd.sent)
             self.stats.ran_by_sender[csd.src] += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import os
 import signal
 import struct
@@ -26,7 +27,18 @@ import trio
 from hdrh.histogram import HdrHistogram
 
 from vtick.guest.clocksource import Kvmclock, PvclockPage
-from vtick.guest.clocksync import PINGS, ClockSample, Offset, estimate_offset
+from vtick.guest.clocksync import (
+    CLOCK_PING_ONE_CLOCK_S,
+    CLOCK_PING_S,
+    PINGS,
+    ClockDiscipline,
+    ClockSample,
+    DisciplinedTsc,
+    Offset,
+    Pinger,
+    TscSync,
+    estimate_offset,
+)
 from vtick.guest.cpu import (
     KernelOp,
     MemoryWrite,
@@ -38,7 +50,7 @@ from vtick.guest.cpu import (
 )
 from vtick.guest.hrtimer import Expiry
 from vtick.guest.kernel import GuestKernel
-from vtick.guest.recorder import Recorder
+from vtick.guest.recorder import HistoryRecorder, Recorder
 from vtick.guest.workload import (
     IpiStormWorkload,
     MixedWorkload,
@@ -48,9 +60,11 @@ from vtick.guest.workload import (
 )
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
-from vtick.proto.catalog import WORKLOAD_PARAMS
+from vtick.proto.catalog import PREEMPTION_POINTS, WORKLOAD_PARAMS
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
 from vtick.proto.errors import ErrorCode, LinkError, LocalProtocolError, ProtocolError
+from vtick.proto.eventlog import load_plan, record_target
+from vtick.proto.faultshim import FaultShim, windows_from_plan
 from vtick.proto.lifecycle import PARENT_ENV, watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import PvclockInfo, TscModel
@@ -96,6 +110,14 @@ class GuestConfig:
     )
     #: preemption points: name -> delay in ns injected every time the vCPU passes it
     preempt_ns: dict[str, int] = field(default_factory=dict)
+    #: this process's part of a chaos schedule (host/chaos/): event log path, preemption
+    #: windows, link faults; None = read $VTICK_CHAOS_PLAN (vtick.proto.eventlog)
+    chaos: dict[str, Any] | None = None
+    #: follow the host's clock corrections (issue 12); off: the handshake's estimate only
+    clock_tracking: bool = True
+    #: the clock is skewed/drifted on purpose on the host's machine (--clock-skew,
+    #: --clock-drift-ppm): the true error of the tracking is then known and reported
+    synthetic_clock: bool = False
 
 
 TIMELINE_POINTS = 2048
@@ -105,6 +127,8 @@ TIMELINE_PEAKS = 32
 #: to answer, is a stall (the report keeps the longest few; host/lab/metrics.py lists them)
 STALL_NS = 250_000_000
 STALLS_KEPT = 4
+#: the chaos history records every gap of at least this (host/chaos/: lateness explained)
+HISTORY_STALL_NS = 30_000_000
 
 
 class Worst:
@@ -186,13 +210,21 @@ class GuestVcpu:
         self.cfg = cfg
         self.name = f"vCPU {cfg.vcpu}"
         self.link = Link(name=f"{self.name} (guest)", max_message=DEFAULT_MAX_MESSAGE)
-        self.ep: PairEndpoint | None = None
+        self.ep: PairEndpoint | FaultShim | None = None
         self.welcome: m.Welcome | None = None
         self.welcomed = trio.Event()
-        self.tsc: TscModel | None = None
-        #: injected, not yet taken: (vector, PV EOI flag, trace record index)
-        self.pending: deque[tuple[int, bool, int]] = deque()
+        self.tsc: TscModel | DisciplinedTsc | None = None
+        #: injected, not yet taken: (vector, PV EOI flag, trace record index, history
+        #: slot, link number of the inject)
+        self.pending: deque[tuple[int, bool, int, int, int]] = deque()
         self.recorder: Recorder | None = None
+        # ---- chaos (host/chaos/): the whole run's history and the scheduled faults
+        self.chaos = cfg.chaos if cfg.chaos is not None else load_plan()
+        self.history: HistoryRecorder | None = None
+        self._irq_seq = 0  # link number of the injection being handled (history)
+        #: preemption windows not yet taken: point -> (ns after the workload started, ns)
+        self._windows = _chaos_windows(self.chaos)
+        # ---- end chaos
         self.shutdown_requested = False
         self.host_goodbye = trio.Event()
         self._reply: m.ExitReply | None = None
@@ -212,6 +244,13 @@ class GuestVcpu:
         self._pong = trio.Event()
         self._pong_msg: m.Pong | None = None
         self.clock_offset: Offset | None = None
+        # issue 12: this machine's clock mapped onto the host's, corrected during the run
+        self.pinger = Pinger()
+        self._pong_sample: ClockSample | None = None
+        self.discipline: ClockDiscipline | None = None
+        self._early_sync: TscSync | None = None
+        self.true_error_max = 0
+        self.true_error_last = 0
         self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
@@ -289,13 +328,28 @@ class GuestVcpu:
             rec = -1
             if self.recorder is not None and self.page is not None:
                 rec = self.recorder.irq_arrived(self.ktime(), msg.vector, msg.host_time)
-            self.pending.append((msg.vector, bool(msg.pv_eoi), rec))
+            seq = self.link.recv_next - 1
+            slot = -1
+            if self.history is not None:
+                slot = self.history.irq_arrived(seq, msg.vector, msg.host_time, bool(msg.pv_eoi))
+            self.pending.append((msg.vector, bool(msg.pv_eoi), rec, slot, seq))
             self._wake()
         elif isinstance(msg, m.Welcome):
             self._on_welcome(msg)
         elif isinstance(msg, m.Pvclock):
             if self.page is not None:  # before Welcome, Welcome's copy is the newer one
                 self.page.publish(PvclockInfo.from_wire(msg.info))
+                if self.history is not None:
+                    self.history.clock_info(self.page.info)
+            if isinstance(self.tsc, DisciplinedTsc):
+                self.tsc.published(msg.info["tsc_timestamp"])
+            if msg.tsc_sync is not None and self.cfg.clock_tracking:
+                # the host's new line for this machine's clock (issue 12): the TSC slews
+                sync = TscSync.from_wire(msg.tsc_sync)
+                if self.discipline is None:
+                    self._early_sync = sync  # still at the handshake: applied after it
+                else:
+                    self.discipline.apply(sync, monotonic_ns())
         elif isinstance(msg, m.Csd):
             if msg.dst != self.cfg.vcpu:
                 raise GuestFatal(4, f"{self.name}: host relayed a csd for vCPU {msg.dst}")
@@ -320,6 +374,7 @@ class GuestVcpu:
             raise GuestFatal(4, f"{self.name}: host reported a protocol error: {msg.reason}")
         elif isinstance(msg, m.Pong):
             self._pong_msg = msg
+            self._pong_sample = self.pinger.on_pong(msg, monotonic_ns())
             self._pong.set()
         elif isinstance(msg, m.Ack):
             pass
@@ -404,6 +459,8 @@ class GuestVcpu:
         nursery.start_soon(self.tick_loop)
         await self.hello_loop()
         await self.sync_clock()
+        self._start_history()
+        nursery.start_soon(self.clock_loop)
 
     async def sync_clock(self) -> None:
         """Ping the host and derive the guest TSC from the host's clock domain."""
@@ -412,18 +469,37 @@ class GuestVcpu:
         for _ in range(PINGS):
             self._pong = trio.Event()
             sent = monotonic_ns()
-            self._send(m.Ping(t=sent), sent)
+            self._send(self.pinger.ping(sent), sent)
             self.flush()
             with trio.move_on_after(PING_TIMEOUT_S):
                 await self._pong.wait()
-            if self._pong_msg is not None and self._pong_msg.t == sent:
-                samples.append(ClockSample(sent, self._pong_msg.host, monotonic_ns()))
+            if self._pong_sample is not None and self._pong_sample.sent == sent:
+                samples.append(self._pong_sample)
         if not samples:
             raise GuestFatal(2, f"{self.name}: the host answered no clock ping")
         self.clock_offset = estimate_offset(samples)
-        # local CLOCK_MONOTONIC + offset = host CLOCK_MONOTONIC, so the TSC epoch in
-        # local terms is the host's minus the offset
-        self.tsc = TscModel(self.welcome.tsc_khz, self.welcome.tsc_epoch - self.clock_offset.ns, 0)
+        # local CLOCK_MONOTONIC + offset = host CLOCK_MONOTONIC: the guest TSC is the
+        # host's, read through that mapping (which the host corrects later, issue 12)
+        self.discipline = ClockDiscipline(self.clock_offset.ns)
+        self.tsc = DisciplinedTsc(self.welcome.tsc_khz, self.welcome.tsc_epoch, self.discipline)
+        if self.page is not None:
+            self.tsc.published(self.page.info.tsc_timestamp)
+        if self._early_sync is not None:
+            self.discipline.apply(self._early_sync, monotonic_ns())
+
+    async def clock_loop(self) -> None:
+        """Keep pinging the host so it can track this machine's clock (issue 12)."""
+        one_clock = self.clock_offset is not None and self.clock_offset.same_domain
+        while not self.shutdown_requested:
+            await trio.sleep(CLOCK_PING_ONE_CLOCK_S if one_clock else CLOCK_PING_S)
+            now = monotonic_ns()
+            if self.cfg.clock_tracking:
+                self._send(self.pinger.ping(now), now)
+                self.flush()
+            if self.cfg.synthetic_clock and self.discipline is not None:
+                # skewed on purpose on the host's machine: the truth is CLOCK_MONOTONIC
+                self.true_error_last = self.discipline.host_ns(now) - time.monotonic_ns()
+                self.true_error_max = max(self.true_error_max, abs(self.true_error_last))
 
     async def hello_loop(self) -> None:
         with trio.move_on_after(self.cfg.handshake_timeout_s):
@@ -461,8 +537,94 @@ class GuestVcpu:
         gap = now - last - int(TICK_S * 1e9)
         if gap >= STALL_NS and self.page is not None and self.tsc is not None:
             self.stats.stalls.add(gap, self.page.info.ktime(self.tsc.tsc(now)) - gap)
+        if gap >= HISTORY_STALL_NS and self.history is not None and self.page is not None:
+            # the chaos history keeps shorter ones too: what explains a late timer
+            self.history.stall(self.ktime() - gap, gap)
 
     # ------------------------------------------------------------------ exits
+
+    # ------------------------------------------------------------------ chaos (host/chaos/)
+
+    def wrap_endpoint(self, ep: PairEndpoint) -> PairEndpoint | FaultShim:
+        """``ep``, or ``ep`` behind the link fault shim when the chaos plan has link
+        faults (proto/faultshim.py: drop, duplicate, delay, reorder, pipe close)."""
+        plan = self.chaos or {}
+        if not plan.get("link"):
+            return ep
+        windows = windows_from_plan(plan["link"])
+        return FaultShim(ep, windows, int(plan.get("seed", 0)), self._link_fault)
+
+    def _link_fault(self, fault: int, direction: int, seq: int) -> None:
+        if self.history is not None:
+            self.history.link(fault, direction, seq)
+
+    def _start_history(self) -> None:
+        """Open this process's event log once the clock is known (after the handshake)."""
+        plan = self.chaos or {}
+        target = record_target(plan, self.cfg.vcpu)
+        if target is None or self.history is not None:
+            return
+        if self.welcome is None or self.page is None:
+            return
+        header = {
+            "role": "guest",
+            "vcpu": self.cfg.vcpu,
+            "pid": os.getpid(),
+            "incarnation": int(plan.get("incarnation", 0)),
+        }
+        self.history = HistoryRecorder(target, header, self.ktime)
+        offset = self.clock_offset.ns if self.clock_offset is not None else 0
+        self.history.session(
+            self.welcome.session, self.welcome.tsc_khz, self.welcome.tsc_epoch, offset,
+            self.cfg.vcpu, os.getpid(),
+        )  # fmt: skip
+        self.history.clock_info(self.page.info)
+
+    def _attach_history(self, kernel: GuestKernel) -> None:
+        """Listen to the hrtimer queue and smp_call_function (after boot)."""
+        if self.history is None or kernel.timers is None:
+            return
+        kernel.timers.queue.listener = self.history.timer
+        kernel.smp.listener = self.history.smp
+        base = int((self.chaos or {}).get("id_base", 0))
+        if base:  # a restarted process: its ids must not repeat its predecessor's
+            kernel.timers.queue._order = itertools.count(base + 1)
+            kernel.smp._next_id += base
+            kernel.smp._next_ipi += base
+
+    def _chaos_start(self, started: int) -> None:
+        """The workload started: scheduled windows and link faults count from now."""
+        if self.history is not None:
+            self.history.start(started)
+        if isinstance(self.ep, FaultShim):
+            self.ep.start(monotonic_ns())
+
+    def _history_exit(self, msg: m.Message, seq: int) -> int:
+        """Record an exit as it leaves (its slot; -1 when not recording)."""
+        if self.history is None:
+            return -1
+        arm = ipi = 0
+        if self.kernel is not None:
+            arm = self.kernel.timers.programming if self.kernel.timers is not None else 0
+            ipi = self.kernel.smp.sending
+        return self.history.exit_sent(self.ktime(), seq, EXIT_INDEX[type(msg)], arm, ipi)
+
+    async def _chaos_window(self, point: str) -> None:
+        """A scheduled preemption window at ``point``: the first pass after its time
+        sleeps its length (ns resolution: proto/timerfd.py)."""
+        queue = self._windows.get(point)
+        if not queue or not self.workload_started:
+            return
+        if queue[0][0] > self.ktime() - self.workload_started:
+            return
+        _, length = queue.popleft()
+        start = self.ktime()
+        self.stats.preemptions[point] += 1
+        await sleep_ns(length)
+        if self.history is not None:
+            self.history.window(start, self.ktime(), PREEMPTION_POINTS.index(point))
+
+    # ------------------------------------------------------------------ end chaos
 
     async def exit(self, msg: m.Message) -> m.ExitReply:
         """Take one exit and wait for the host's answer."""
@@ -473,6 +635,7 @@ class GuestVcpu:
         self._reply_event = trio.Event()
         self._send(msg, monotonic_ns())
         self._outstanding = self.link.send_next - 1
+        slot = self._history_exit(msg, self._outstanding)
         self.flush()
         await self._reply_event.wait()
         rtt = time.perf_counter_ns() - t0
@@ -481,6 +644,8 @@ class GuestVcpu:
         if rtt >= STALL_NS and kind != "hlt" and self.page is not None:
             self.stats.host_waits.add(rtt, self.ktime() - rtt)  # a HLT waits by design
         assert self._reply is not None
+        if slot >= 0 and self.history is not None:
+            self.history.exit_done(slot, rtt, self._reply.host_ns)
         if self.recorder is not None:
             self.recorder.exit(sent, rtt, self._reply.host_ns, EXIT_INDEX[type(msg)])
         return self._reply
@@ -517,7 +682,13 @@ class GuestVcpu:
                     delay = self.cfg.preempt_ns.get(item.name, 0)
                     if delay:
                         self.stats.preemptions[item.name] += 1
+                        began = self.ktime() if self.history is not None else 0
                         await sleep_ns(delay)  # ns resolution: a 100 us window is 100 us
+                        if self.history is not None:  # the history names it (issue 15)
+                            point = PREEMPTION_POINTS.index(item.name)
+                            self.history.window(began, self.ktime(), point)
+                    if self._windows:
+                        await self._chaos_window(item.name)
                     value = None
                     continue
                 if self.kernel is not None and self.kernel.ops.pv_eois != self._pv_eois_reported:
@@ -536,19 +707,27 @@ class GuestVcpu:
             await self.run_op(self.kernel.handle_interrupt(vector, pv_eoi))
         finally:
             self._irq_at = 0
+            self._irq_seq = 0
 
     def _on_expiry(self, expiry: Expiry) -> None:
         self.stats.record_lateness(expiry.lateness, expiry.ran_at)
         if self.recorder is not None:
             self.recorder.event(expiry.expires, expiry.programmed_at, self._irq_at, expiry.ran_at)
+        if self.history is not None:
+            self.history.fire(
+                expiry.arm, expiry.expires, expiry.ran_at, expiry.programmed_at, self._irq_seq
+            )
 
     def _next_interrupt(self) -> tuple[int, bool]:
         """The pending interrupt the CPU takes first: the highest vector (its priority
         class is vector >> 4; the host's LAPIC already orders injection by PPR, this
         orders what arrived together)."""
         best = max(range(len(self.pending)), key=lambda i: self.pending[i][0])
-        vector, pv_eoi, rec = self.pending[best]
+        vector, pv_eoi, rec, slot, seq = self.pending[best]
         del self.pending[best]
+        if self.history is not None:
+            self.history.irq_handled(slot)
+            self._irq_seq = seq
         if self.recorder is not None:
             self.recorder.irq_handled(rec, self.ktime())
             self._irq_at = self.recorder.irqs[4 * rec] if rec >= 0 else 0
@@ -603,6 +782,7 @@ class GuestVcpu:
         self._early_csds.clear()
         await self.run_op(kernel.boot())
         self.boot_exits = dict(self.stats.exits)  # boot and calibration, not per event
+        self._attach_history(kernel)
         if welcome.trace:
             self.recorder = Recorder()  # the window starts after boot
             kernel.smp.call_records = []
@@ -633,6 +813,7 @@ class GuestVcpu:
         started = clock.read()
         self.workload_started = started
         workload.start(started)
+        self._chaos_start(started)
         await self.run_op(kernel.reprogram())
         while True:
             # instruction boundary: deliver pending interrupts
@@ -650,6 +831,9 @@ class GuestVcpu:
                 continue
             await self.run_op(hlt())
         self.duration_ns = clock.read() - started
+        if self.history is not None:
+            unreported = kernel.ops.pv_eois - self._pv_eois_reported
+            self.history.end(clock.read(), kernel.eois, unreported)
 
     async def finish(self) -> None:
         stats = self.stats
@@ -674,6 +858,14 @@ class GuestVcpu:
         if self.clock_offset is not None:
             counters["clock_offset_ns"] = self.clock_offset.ns
             counters["clock_sync_rtt_ns"] = self.clock_offset.rtt
+        if self.discipline is not None:
+            counters["clock_corrections"] = self.discipline.corrections
+            counters["clock_largest_slew_ns"] = self.discipline.largest_step
+            if isinstance(self.tsc, DisciplinedTsc):
+                counters["clock_tsc_held"] = self.tsc.floored
+            if self.cfg.synthetic_clock:
+                counters["clock_true_error_max_ns"] = self.true_error_max
+                counters["clock_true_error_last_ns"] = self.true_error_last
         report = m.Report(
             events=timers.ran if timers else 0,
             early=timers.early if timers else 0,
@@ -725,6 +917,16 @@ class GuestVcpu:
         self._send(m.Ack(), monotonic_ns())
         self.flush()
         await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
+
+
+def _chaos_windows(plan: dict[str, Any] | None) -> dict[str, deque[tuple[int, int]]]:
+    """The plan's preemption windows by point, in time order."""
+    out: dict[str, deque[tuple[int, int]]] = {}
+    for w in sorted((plan or {}).get("windows") or [], key=lambda w: int(w["at_ns"])):
+        if w["point"] not in PREEMPTION_POINTS:
+            raise ValueError(f"chaos plan: unknown preemption point {w['point']!r}")
+        out.setdefault(w["point"], deque()).append((int(w["at_ns"]), int(w["length_ns"])))
+    return out
 
 
 def _hdr(values: list[int]) -> bytes | None:
@@ -796,7 +998,11 @@ async def run_guest(cfg: GuestConfig, *, signals: bool = True) -> int:
     except ValueError as exc:
         print(f"vtick guest: {exc}", file=sys.stderr)
         return 2
-    vcpu.ep = PairEndpoint.dial(url, DEFAULT_MAX_MESSAGE)
+    try:
+        vcpu.ep = vcpu.wrap_endpoint(PairEndpoint.dial(url, DEFAULT_MAX_MESSAGE))
+    except OSError as exc:  # tls+tcp:// without its certificate (issue 12)
+        print(f"vtick guest: {exc}", file=sys.stderr)
+        return 2
     fatal: GuestFatal | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -819,6 +1025,8 @@ async def run_guest(cfg: GuestConfig, *, signals: bool = True) -> int:
         fatal = first
     finally:
         vcpu.ep.close()
+        if vcpu.history is not None:
+            vcpu.history.close()
     if fatal is not None:
         print(f"vtick guest: {fatal}", file=sys.stderr, flush=True)
         return fatal.status

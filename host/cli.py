@@ -435,6 +435,23 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--plot", default=None, metavar="PNG", help="draw the curve here (default: none)"
     )
+    bd = bsub.add_parser(
+        "drops", help="abrupt pipe drops in a row against vtick's Pair0 endpoint"
+    )
+    bd.add_argument("--drops", type=positive_int, default=20_000, help="per run (default 20000)")
+    bd.add_argument("--runs", type=positive_int, default=1, help="runs (default 1)")
+    bd.add_argument(
+        "--lclose",
+        type=nonneg_int,
+        default=0,
+        metavar="K",
+        help="the listener also closes every K-th frame's pipe (default 0: never)",
+    )
+    bd.add_argument(
+        "--undo-fix",
+        action="store_true",
+        help="receive buffer 0, nng's default: the code before the fix (crashes)",
+    )
     bl = bsub.add_parser(
         "lateness", help="vtick's timer lateness vs a bare timerfd storm, interleaved"
     )
@@ -442,6 +459,8 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--duration", type=duration, default=2.0, help="seconds per block (default 2)")
     bl.add_argument("--seed", type=nonneg_int, default=1, help="storm seed (default 1)")
     _conformance_parsers(sub)
+    _topology_parsers(sub, run, host)
+    _chaos_parsers(sub, run)  # issue 10 (and issue 15's run --explain)
     return parser
 
 
@@ -562,6 +581,249 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- end of conformance
 
 
+# ---------------------------------------------------------------------- topology (issue 12)
+
+
+def _topology_parsers(
+    sub: typing.Any, run: argparse.ArgumentParser, host: argparse.ArgumentParser
+) -> None:
+    run.add_argument(
+        "--topology",
+        default=None,
+        metavar="FILE",
+        help="run the VMs of a topology file (machines, VMs, placement: docs/topology.md) "
+        "instead of the path comparison; per-VM tables (default: none, one local VM)",
+    )
+    for p in (run, host):
+        p.add_argument(
+            "--allow-insecure-tcp",
+            action="store_true",
+            help="allow a clear-text tcp:// listen beyond loopback (the token and every exit "
+            "cross the network unencrypted; prefer tls+tcp://) (default: refused)",
+        )
+    agent = sub.add_parser(
+        "agent",
+        help="serve a topology controller on stdin/stdout (started by vtick itself)",
+        description="Own this machine's vtick processes for a controller that talks on "
+        "stdin/stdout (vtick run --topology starts it, over ssh for other machines).  "
+        "Everything it started is removed when the controller says bye or goes away.",
+    )
+    agent.add_argument(
+        "--run-base",
+        default=None,
+        metavar="DIR",
+        help="where to create the private run directory (default: $TMPDIR)",
+    )
+    agent.add_argument(
+        "--sweep",
+        default=None,
+        metavar="DIR",
+        help="remove a dead agent's run directory and processes by its manifest, and exit",
+    )
+    topo = sub.add_parser("topology", help="check a topology file; make TLS certificates")
+    tsub = topo.add_subparsers(dest="topology_command", required=True)
+    check = tsub.add_parser(
+        "check",
+        help="preflight every machine: reachable, Python and vtick versions, free ports, "
+        "clock offset",
+    )
+    check.add_argument("file", help="the topology TOML file")
+    certs = tsub.add_parser(
+        "certs",
+        help="create a self-signed certificate and key for tls+tcp:// links on a test network",
+    )
+    certs.add_argument("dir", help="directory to write vtick-cert.pem and vtick-key.pem into")
+    certs.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="HOST_OR_IP",
+        help="extra subject names besides 'vtick' (repeatable) (default: none)",
+    )
+    certs.add_argument(
+        "--days", type=positive_int, default=30, help="validity in days (default: 30)"
+    )
+    certs.add_argument(
+        "--force", action="store_true", help="overwrite an existing pair (default: refuse)"
+    )
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from vtick.host.topology.agent import agent_main
+
+    return agent_main(args.run_base, args.sweep)
+
+
+def _cmd_topology(args: argparse.Namespace) -> int:
+    if args.topology_command == "certs":
+        from vtick.host.topology.certs import certs_main
+
+        return certs_main(args.dir, args.name, args.days, args.force)
+    from vtick.host.topology.check import check_main
+
+    return check_main(args.file)
+
+
+def _cmd_run_topology(args: argparse.Namespace) -> int:
+    from vtick.host.topology.controller import topology_main
+
+    defaults = vars(_parser().parse_args(["run"]))
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name, value in vars(args).items()
+        if name not in ("topology", "json", "wide", "command", "allow_insecure_tcp")
+        and value != defaults.get(name)
+    ]
+    return topology_main(args.topology, args.json, args.wide, given)
+
+
+# ---------------------------------------------------------------------- end of topology
+
+
+# ---------------------------------------------------------------------- chaos (issue 10)
+
+
+def _late_bound(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ms") from None
+    if not 0 < value <= 60_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 < MS <= 60000")
+    return value
+
+
+def _chaos_parsers(sub: typing.Any, run: argparse.ArgumentParser) -> None:
+    from vtick.host.chaos.nemesis import FAULT_KINDS
+
+    run.add_argument(
+        "--explain",
+        action="store_true",
+        help="record every event and explain each path's worst late timers: lateness "
+        "split into host timer, host handling, transit, guest and handler, with the "
+        "blocker named (also in --trace and --plots) (default: off)",
+    )
+
+    ch = sub.add_parser(
+        "chaos",
+        help="preempt, stop, kill and disturb vCPUs on a seeded schedule and check every "
+        "invariant (exit 0 valid, 1 invalid, 2 unknown)",
+        description="Run chaos runs: host and vCPU processes under a seeded fault schedule "
+        "(the nemesis), one history per run, every invariant checked. Exit status 0 when "
+        "every run is valid, 1 when one is invalid, 2 when one is unknown or the command "
+        "line is wrong. docs/chaos.md describes the faults and the history.",
+    )
+    ch.add_argument("--runs", type=positive_int, default=1, help="runs, one after the other "
+                    "(default: 1)")  # fmt: skip
+    ch.add_argument(
+        "--seed",
+        type=nonneg_int,
+        default=1,
+        help="run i uses seed SEED+i for its fault schedule, mode, IPI path and workload "
+        "(default: 1)",
+    )
+    ch.add_argument(
+        "--faults",
+        type=_choices(list(FAULT_KINDS)),
+        default=list(FAULT_KINDS),
+        help=f"comma-separated fault kinds from {', '.join(FAULT_KINDS)}, 'all' or 'none' "
+        "(default: all)",
+    )
+    ch.add_argument(
+        "--modes",
+        type=_choices(list(MODE_NAMES)),
+        default=list(MODE_NAMES),
+        help="timer modes the runs take in turn (by seed), comma-separated, or 'all' "
+        "(default: all)",
+    )
+    ch.add_argument(
+        "--ipi",
+        type=_choices(list(IPI_VARIANT_NAMES)),
+        default=list(IPI_VARIANT_NAMES),
+        help="IPI paths the runs take in turn (by seed), comma-separated, or 'all' (default: all)",
+    )
+    ch.add_argument("--vcpus", type=_vcpu_count, default=4, help="vCPUs per run, 1..32 "
+                    "(default: 4)")  # fmt: skip
+    ch.add_argument(
+        "--duration",
+        type=duration,
+        default=2.0,
+        help="seconds of workload per run, at least 1 (default: 2)",
+    )
+    ch.add_argument(
+        "--out",
+        default="vtick-chaos",
+        metavar="DIR",
+        help="where each run's directory (run-SEED/) goes (default: vtick-chaos)",
+    )
+    ch.add_argument(
+        "--keep",
+        choices=["all", "failing", "none"],
+        default="failing",
+        help="which runs keep their history.jsonl: all, failing (not valid) or none; "
+        "verdict.json is always written (default: failing)",
+    )
+    ch.add_argument(
+        "--late-bound",
+        type=_late_bound,
+        default=250.0,
+        metavar="MS",
+        help="lateness beyond this must overlap a fault or a stall on the timer's vCPU or "
+        "the host (default: 250)",
+    )
+    ch.add_argument("--plots", action="store_true", help="write each run's lateness plot, "
+                    "fault windows shaded (default: off)")  # fmt: skip
+    ch.add_argument("--trace", action="store_true", help="write each run's Perfetto trace, "
+                    "faults as slices (default: off)")  # fmt: skip
+    ch.add_argument(
+        "--experiment",
+        choices=["preempt-window"],
+        default=None,
+        help="instead of chaos runs: preempt-window sweeps the window between computing a "
+        "timer delta and programming the device (0, 100 us, 1 ms, 10 ms) for every timer "
+        "mode and prints and plots the extra lateness (default: none)",
+    )
+    ch.add_argument(
+        "--param",
+        type=param,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help=_param_help(),
+    )
+    _mutate_arg(ch)
+    an = sub.add_parser(
+        "analyze",
+        help="re-check stored chaos histories (exit 0 valid, 1 invalid, 2 unknown)",
+        description="Re-check the history.jsonl of a chaos run directory, a history file, "
+        "or every run-*/ in a vtick chaos --out directory, with the current checkers.",
+    )
+    an.add_argument("dir", metavar="DIR", help="a run directory, a history.jsonl, or an --out "
+                    "directory")  # fmt: skip
+    an.add_argument(
+        "--late-bound",
+        type=_late_bound,
+        default=250.0,
+        metavar="MS",
+        help="lateness that must be explained by a fault or a stall (default: 250)",
+    )
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    from vtick.host.chaos.main import chaos_main
+
+    return chaos_main(args)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from vtick.host.chaos.main import analyze_main
+
+    return analyze_main(args)
+
+
+# ---------------------------------------------------------------------- end of chaos
+
+
 def _cmd_host(args: argparse.Namespace) -> int:
     from vtick.host.lab.launcher import orphaned_host_cleanup
     from vtick.host.lab.preflight import (
@@ -599,6 +861,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         exit_cost=args.exit_cost,
         trace=args.trace,
         mutations=tuple(args.mutate),
+        allow_insecure_tcp=args.allow_insecure_tcp,
     )
     try:
         results = trio.run(serve, cfg)
@@ -613,6 +876,8 @@ def _cmd_host(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.topology is not None:
+        return _cmd_run_topology(args)  # issue 12
     from vtick.host.lab.run import run_main
 
     return run_main(args)
@@ -635,6 +900,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return run_scale_bench(
             args.largest, args.packed, args.per_process, args.duration, args.plot
         )
+    if args.bench == "drops":
+        from vtick.host.bench.drops import run_drops_bench
+
+        return run_drops_bench(args.drops, args.runs, args.lclose, args.undo_fix)
     if args.bench == "lateness":
         from vtick.host.bench.lateness import run_lateness_bench
 
@@ -661,5 +930,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compare": _cmd_compare,
         "conformance": _cmd_conformance,
         "fuzz": _cmd_fuzz,
+        "agent": _cmd_agent,
+        "topology": _cmd_topology,
+        "chaos": _cmd_chaos,
+        "analyze": _cmd_analyze,
     }[args.command]
     return handler(args)

@@ -15,6 +15,14 @@ on VM entry.  The next one of the same or lower priority waits for the guest's E
 
 A halted vCPU is blocked in the host, as KVM blocks it in ``kvm_vcpu_block``: its
 ``exit-hlt`` is answered only when an interrupt is pending for it, or at shutdown.
+
+For a chaos run (``host/chaos/``) the server sets :attr:`Machine.record`, a sink for
+``vtick.proto.eventlog`` host records, and the Machine names where each interrupt came
+from, by ids instead of times: a host timer keeps the number of the guest exit that
+armed it (its *origin*), a timer interrupt carries the origin of the timer that raised
+it, and an IPI is named by (source vCPU, source generation, source exit number) from
+its delivery to the injection that carries it (coalesced ones ride along with the
+pending one).  Without ``record`` none of this is kept.
 """
 
 from __future__ import annotations
@@ -22,19 +30,30 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vtick.host.faults import GuestFault
 from vtick.host.hrtimer import HrtimerQueue
-from vtick.host.lapic.delivery import deliver
+from vtick.host.lapic.delivery import deliver, route
 from vtick.host.lapic.lapic import Lapic
 from vtick.host.mutations import Mutations
 from vtick.proto import apicdef as lapic_regs
 from vtick.proto import messages as m
-from vtick.proto.abi import Fault, KvmErrno
+from vtick.proto.abi import Fault, KvmErrno, Vector
+from vtick.proto.eventlog import (
+    H_IPI,
+    H_TARM,
+    H_TFIRE,
+    IPI_ACCEPTED,
+    IPI_COALESCED,
+    IPI_NOT_ACCEPTED,
+)
 from vtick.proto.pvclock import PvclockInfo, TscModel
 
 #: the NMI's vector number in the IDT
 NMI_VECTOR = 2
+#: how early the ``early-timer`` mutation fires a host timer (vtick.host.mutations)
+EARLY_TIMER_NS = 1_000_000
 
 __all__ = [
     "Action",
@@ -57,6 +76,10 @@ class InjectIrq:
     not_before: int | None = None
     #: the PV EOI flag is set for this interrupt: the vCPU may EOI without an exit
     pv_eoi: bool = False
+    #: chaos history: the guest exit that armed the timer behind it (0: none/unknown)
+    origin: int = 0
+    #: chaos history: the IPIs it carries, (source, source generation, source exit)
+    ipis: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +162,11 @@ class VcpuState:
     pv_eoi_enabled: bool = False
     pv_eoi_vector: int | None = None
     pv_eois: int = 0
+    #: chaos history (Machine.record set): resets seen, the origin of a timer interrupt
+    #: in IRR by vector, the IPIs pending in IRR by vector
+    generation: int = 0
+    irq_origin: dict[int, int] = field(default_factory=dict)
+    ipi_pending: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)
 
     def raise_irq(self, vector: int, now: int) -> bool:
         """A device raises a fixed, edge-triggered interrupt at this vCPU's LAPIC.
@@ -186,6 +214,8 @@ class _ApicPort:
 
     def irq_state_changed(self) -> None:
         self.machine._irq_dirty.add(self.state.vcpu)
+        if self.machine.record is not None:
+            self.machine._tag_timer_irq(self.state)
 
 
 class Machine:
@@ -217,6 +247,14 @@ class Machine:
         self.lapics = [state.lapic for state in self.vcpus]
         self._actions: list[Action] = []
         self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}
+        #: chaos history sink: record(kind, t, a, b, c, d, e, f) (vtick.proto.eventlog);
+        #: None = not recording
+        self.record: Callable[..., Any] | None = None
+        #: (vcpu, exit seq) while an exit is handled; (vcpu, origin) while a timer fires
+        self._exit: tuple[int, int] | None = None
+        self._firing: tuple[int, int] | None = None
+        #: host timer -> (origin exit seq, the expiry its device asked for)
+        self._timer_origin: dict[tuple[str, int], tuple[int, int]] = {}
         self.hypercalls: dict[int, HypercallHandler] = {}
         self._msrs: list[_Range] = []
         self._ports: list[_Range] = []
@@ -273,8 +311,46 @@ class Machine:
 
     def send_ipi(self, source: int, icr_low: int, dest: int) -> list[int]:
         """Route an IPI from vCPU ``source`` to every LAPIC its ICR matches (KVM rules)."""
+        fixed = icr_low & lapic_regs.APIC_DM_MASK == lapic_regs.DeliveryMode.FIXED
+        if fixed and self.mutations.sometimes("drop-ipi"):
+            return []  # mutation: the IPI reaches no LAPIC
         # ``deliver`` calls accept_irq on each target, which marks it for injection
-        return deliver(source, icr_low, dest, self.lapics, self._now)
+        if self.record is None:
+            return deliver(source, icr_low, dest, self.lapics, self._now)
+        targets = route(source, icr_low, dest, self.lapics)[0]
+        accepted = deliver(source, icr_low, dest, self.lapics, self._now)
+        for target in targets:
+            self.note_ipi(source, target, icr_low & lapic_regs.APIC_VECTOR_MASK, target in accepted)
+        return accepted
+
+    def note_ipi(self, source: int, target: int, vector: int, accepted: bool) -> None:
+        """Chaos history: an IPI of the exit being handled reached ``target``'s LAPIC
+        (accepted into IRR, coalesced with the same vector pending there, or not accepted
+        by a disabled APIC)."""
+        if self.record is None:
+            return
+        seq = self._exit[1] if self._exit is not None and self._exit[0] == source else 0
+        gen = self.vcpus[source].generation
+        state = self.vcpus[target]
+        if accepted:
+            outcome = IPI_ACCEPTED
+        elif state.lapic.irr >> vector & 1:
+            outcome = IPI_COALESCED
+        else:
+            outcome = IPI_NOT_ACCEPTED
+        self.record(H_IPI, self._now, source, gen, seq, target, vector, outcome)
+        if outcome != IPI_NOT_ACCEPTED:
+            state.ipi_pending.setdefault(vector, []).append((source, gen, seq))
+
+    def _tag_timer_irq(self, state: VcpuState) -> None:
+        """Chaos history: a timer vector that just entered IRR takes the origin of the
+        timer firing (or of the exit that fired it at once); coalesced ones keep the first."""
+        vector = Vector.LOCAL_TIMER
+        if vector in state.irq_origin or not state.lapic.irr >> vector & 1:
+            return
+        ctx = self._firing or self._exit
+        if ctx is not None and ctx[0] == state.vcpu:
+            state.irq_origin[vector] = ctx[1]
 
     def update_injection(self, state: VcpuState, now: int) -> None:
         """Inject what this vCPU's LAPIC can deliver now (KVM does it on VM entry).
@@ -301,7 +377,14 @@ class Machine:
         pv_eoi = self._pv_eoi_safe(state, vector)
         if pv_eoi:
             state.pv_eoi_vector = vector
-        self._actions.append(InjectIrq(state.vcpu, vector, now, not_before, pv_eoi))
+        origin = 0
+        ipis: tuple[tuple[int, int, int], ...] = ()
+        if self.record is not None:
+            origin = state.irq_origin.pop(vector, 0)
+            ipis = tuple(state.ipi_pending.pop(vector, ()))
+        self._actions.append(
+            InjectIrq(state.vcpu, vector, now, not_before, pv_eoi, origin=origin, ipis=ipis)
+        )
         state.wake()
 
     # ------------------------------------------------------------------ PV EOI
@@ -392,6 +475,15 @@ class Machine:
         """Arm (or re-arm) the host hrtimer ``name`` of ``vcpu`` for host time ``expiry``."""
         handle = (name, vcpu.vcpu)
         self._timer_callbacks[handle] = callback
+        if self.record is not None:
+            if self._exit is not None and self._exit[0] == vcpu.vcpu:
+                self._timer_origin[handle] = (self._exit[1], expiry)
+                self.record(H_TARM, self._now, vcpu.vcpu, self._exit[1], expiry)
+            else:  # re-armed by its own expiry (periodic): the same origin
+                origin = self._timer_origin.get(handle, (0, 0))[0]
+                self._timer_origin[handle] = (origin, expiry)
+        if self.mutations.sometimes("early-timer"):
+            expiry -= EARLY_TIMER_NS  # mutation: the host timer fires before its expiry
         self.hrtimers.arm(handle, expiry)
 
     def cancel_timer(self, name: str, vcpu: VcpuState) -> bool:
@@ -413,14 +505,18 @@ class Machine:
         if handler is None:
             raise TypeError(f"{type(msg).__name__} is not an exit")
         self._now = now
-        if isinstance(msg, m.ExitMessage) and msg.pv_eoi:
-            self._pv_eoi_done(state, now)
-        if isinstance(msg, m.ExitHlt):
+        self._exit = (vcpu, seq)
+        try:
+            if isinstance(msg, m.ExitMessage) and msg.pv_eoi:
+                self._pv_eoi_done(state, now)
+            if isinstance(msg, m.ExitHlt):
+                self._flush_irqs(now)
+                return self._hlt_seq(state, seq, unseen)
+            result = handler(state, msg, now, unseen)
             self._flush_irqs(now)
-            return self._hlt_seq(state, seq, unseen)
-        result = handler(state, msg, now, unseen)
-        self._flush_irqs(now)
-        return result
+            return result
+        finally:
+            self._exit = None
 
     def on_timer(self, now: int) -> None:
         """Run the callbacks of every host hrtimer due at ``now``."""
@@ -428,12 +524,18 @@ class Machine:
         for handle in self.hrtimers.expire(now):
             callback = self._timer_callbacks.pop(handle)
             name, vcpu = handle
+            if self.record is not None:
+                origin, asked = self._timer_origin.get(handle, (0, 0))
+                self.record(H_TFIRE, now, vcpu, origin, asked)
+                self._firing = (vcpu, origin)
             try:
                 callback(self.vcpus[vcpu], now)
             except Exception as exc:
                 # A device model bug in one timer must not stop the others (nor the
                 # host): recorded against its vCPU and reported in the results.
                 self.vcpus[vcpu].bugs.append(f"timer {name} at {now}: {exc!r}")
+            finally:
+                self._firing = None
         self._flush_irqs(now)
 
     def next_deadline(self) -> int | None:
@@ -458,6 +560,9 @@ class Machine:
         state.pv_eoi_vector = None
         self._irq_dirty.discard(vcpu)
         self._actions = [a for a in self._actions if a.vcpu != vcpu]
+        state.generation += 1
+        state.irq_origin.clear()
+        state.ipi_pending.clear()
 
     def shutdown(self) -> None:
         """Every halted vCPU becomes runnable (it is about to be told to stop)."""

@@ -64,6 +64,41 @@ _TABLE: tuple[Mutation, ...] = (
         "conformance link.duplicate, link.replay.icr",
     ),
     # ---- end conformance
+    # ---- chaos (issue 10): `vtick chaos --mutate NAME` exits 1 naming the invariant
+    Mutation(
+        "early-timer",
+        "now and then a host timer (LAPIC, PV timer, VMI alarm) is armed 1 ms before the "
+        "expiry its device asked for (so it fires early by up to that, less the host's own "
+        "wake-up latency)",
+        "chaos timer-not-early (invariant 1)",
+        one_in=5,
+    ),
+    Mutation(
+        "double-fire",
+        "now and then a spent one-shot timer (LAPIC or PV) fires a second time 20 us later",
+        "chaos timer-once (invariant 2)",
+        one_in=10,
+    ),
+    Mutation(
+        "drop-ipi",
+        "now and then a fixed IPI (ICR write or KVM_HC_SEND_IPI) reaches no LAPIC",
+        "chaos ipi-once (invariant 3)",
+        one_in=20,
+    ),
+    Mutation(
+        "lost-eoi",
+        "now and then an EOI is ignored: the vector stays in service",
+        "chaos lapic-consistent (invariant 5)",
+        one_in=50,
+    ),
+    Mutation(
+        "ack-before-exec",
+        "now and then the link accepts (and so acknowledges) an exit that the host then "
+        "never executes nor answers",
+        "chaos no-silent-loss (invariants 6 and 8)",
+        one_in=200,
+    ),
+    # ---- end chaos
 )
 
 #: every planted bug, by name

@@ -17,8 +17,11 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
+import os
 import secrets
 import signal
+import socket
 import struct
 import sys
 import time
@@ -27,6 +30,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import pynng
 import trio
@@ -41,11 +45,28 @@ from vtick.host.exitcost import load_profile
 from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.host.mutations import MUTATIONS, Mutations
 from vtick.host.results import write_json
+from vtick.host.topology.clocktrack import ClockTracker
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
 from vtick.proto.catalog import CPU_ONLINE
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, Frame, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
+from vtick.proto.eventlog import (
+    H_EXIT,
+    H_INJECT,
+    H_INJECT_IPI,
+    H_LAPIC_BASE,
+    H_LINK_ERROR,
+    H_RUN_END,
+    H_RUN_START,
+    H_SESSION,
+    H_STALL,
+    SESSION_NEW,
+    SESSION_RESUMED,
+    EventLog,
+    load_plan,
+    record_target,
+)
 from vtick.proto.lifecycle import watch_parent, watch_signals
 from vtick.proto.link import Link
 from vtick.proto.pvclock import TscModel
@@ -58,7 +79,7 @@ from vtick.proto.transport import (
     remove_ipc_file,
 )
 
-__all__ = ["Host", "HostConfig", "serve"]
+__all__ = ["Host", "HostConfig", "serve", "check_exposure"]
 
 SUPPORTED_FEATURES = (
     Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI | Feature.PV_EOI | Feature.PV_SEND_IPI
@@ -69,6 +90,11 @@ REFUSE_SEND_TIMEOUT_S = 1.0
 NEVER = 1 << 63
 #: modeled exit costs up to this are busy-waited (a sleep would overshoot them)
 SPIN_MAX_NS = 200_000
+#: exit kind -> its index in history records (vtick.proto.messages.EXIT_CLASSES order)
+EXIT_INDEX = {cls: i for i, cls in enumerate(m.EXIT_CLASSES)}
+#: chaos history: the host's watchdog period, and the gap it records
+WATCHDOG_S = 0.02
+WATCHDOG_GAP_NS = 30_000_000
 
 
 @dataclass
@@ -99,6 +125,11 @@ class HostConfig:
     announce: bool = True
     #: planted bugs (vtick.host.mutations), a test aid for checkers; none normally
     mutations: tuple[str, ...] = ()
+    #: this host's part of a chaos schedule (host/chaos/): where its event log goes;
+    #: None = read $VTICK_CHAOS_PLAN (vtick.proto.eventlog)
+    chaos: dict[str, Any] | None = None
+    #: listen on a non-loopback tcp:// (clear text) address all the same (issue 12)
+    allow_insecure_tcp: bool = False
 
 
 class LinkState(Enum):
@@ -136,6 +167,10 @@ class VcpuLink:
         self.pipes = Counter[str]()
         #: frames whose handling raised (each ended the session; see run())
         self.host_bugs = 0
+        #: pipes nng reported removed: frames still read from them are stale
+        self.removed_pipes: set[int] = set()
+        #: this link's clock offset, tracked during the run (issue 12)
+        self.clock = ClockTracker()
 
     @property
     def name(self) -> str:
@@ -161,6 +196,8 @@ class VcpuLink:
     def fail(self, reason: str) -> None:
         """The session is lost: record why and wait for a new hello."""
         self.record_error(reason)
+        if self.host.history is not None:
+            self.host.history.add(H_LINK_ERROR, monotonic_ns(), self.vcpu)
         self.link = None
         self.state = LinkState.WAIT_HELLO
         self.host.machine.vcpus[self.vcpu].halted_exit = None
@@ -169,6 +206,11 @@ class VcpuLink:
 
     async def _raw_reply(self, pipe: pynng.Pipe, msg: m.Message) -> None:
         """Send a control message outside any session, then drop the pipe."""
+        if pipe.id in self.removed_pipes:
+            # Pair0 ignores a message's pipe and would hand this reply to the current
+            # peer instead (proto/transport.py: with a receive buffer, frames of a dead
+            # pipe can still be read after it is gone): nobody is left to answer.
+            return
         with contextlib.suppress(Exception), trio.move_on_after(REFUSE_SEND_TIMEOUT_S):
             # a peer that never reads must not stall this link's receive loop
             await pipe.asend(encode(msg, 0, 0, self.host.cfg.max_message))
@@ -201,6 +243,7 @@ class VcpuLink:
                 added.add(event.pipe_id)
             elif event.pipe_id in added:
                 added.discard(event.pipe_id)
+                self.removed_pipes.add(event.pipe_id)
             else:
                 reason = "second peer turned away: the link is taken"
                 self.refused[reason] += 1
@@ -235,6 +278,11 @@ class VcpuLink:
     async def _on_frame(self, data: bytes, pipe: pynng.Pipe) -> None:
         """Handle one frame from this link (run() guards it)."""
         now = monotonic_ns()
+        if pipe.id in self.removed_pipes:
+            # read ahead by nng before its pipe went away: a dead process's last frames,
+            # never a session's (a resume names a live pipe)
+            self.stale_frames += 1
+            return
         if self.state is LinkState.WAIT_HELLO or self.link is None:
             await self._handshake(data, pipe, now)
             return
@@ -340,6 +388,7 @@ class VcpuLink:
             self.session_pipe = pipe.id
             link.send(self._welcome(resumed=True), now)
             link.resume(frame.ack, now)
+            self.host.record_session(self, hello.pid, SESSION_RESUMED, None, now)
             self.log(
                 f"session {self.session} resumed on pipe {pipe.id}; retransmitting "
                 f"{link.unacked()} message(s)"
@@ -372,12 +421,14 @@ class VcpuLink:
                     else "no unacknowledged host messages"
                 )
             )
+        replaced = link.unacked_range() if live and link is not None else None  # history
         if live or self.sessions:
             # a new process on this vCPU starts from a reset vCPU, not the old one's state
             self.host.machine.reset_vcpu(self.vcpu, now)
         self.session = secrets.randbits(63) or 1
         self.sessions += 1
         self.guest_pid = hello.pid
+        self.clock = ClockTracker()  # a new process: its clock is tracked afresh
         self.session_pipe = pipe.id
         self.link = Link(name=self.name, max_message=cfg.max_message)
         self.features = Feature(hello.features) & SUPPORTED_FEATURES
@@ -389,6 +440,7 @@ class VcpuLink:
             if dst == self.vcpu and src != self.vcpu:
                 self.link.send(store, now)  # what this vCPU would read in memory
         self.flush()
+        self.host.record_session(self, hello.pid, SESSION_NEW, replaced, now)
         self.host.connected(self)
 
     def _welcome(self, resumed: bool | None) -> m.Welcome:
@@ -419,6 +471,8 @@ class VcpuLink:
         assert self.link is not None
         if isinstance(msg, m.ExitMessage):
             seq = self.link.recv_next - 1
+            if self.host.mutations.sometimes("ack-before-exec"):
+                return  # mutation: accepted (so acknowledged), never executed nor answered
             unseen = self.link.peer_acked < self.link.send_next - 1
             t0 = time.perf_counter_ns()
             try:
@@ -438,6 +492,8 @@ class VcpuLink:
             host_ns = time.perf_counter_ns() - t0
             modeled = self.host.exit_cost.cost_ns(msg) if self.host.exit_cost else 0
             self.exits.record(msg, host_ns, modeled)
+            if self.host.history is not None:
+                self.host.history.add(H_EXIT, now, self.vcpu, seq, EXIT_INDEX[type(msg)], host_ns)
             if modeled:
                 await _model_host_cost(modeled)
             # What the exit caused goes out before its reply (issue 11, defect b): new
@@ -469,7 +525,13 @@ class VcpuLink:
             await self._handshake(data, pipe, now)
         elif isinstance(msg, m.Ping):
             # answered at once: the vCPU estimates the offset between the clocks
-            self.send(m.Pong(t=msg.t, host=monotonic_ns()), now)
+            answered = monotonic_ns()
+            self.send(m.Pong(t=msg.t, host=answered), now)
+            # issue 12: the exchange this ping completes feeds the link's tracker; a new
+            # estimate goes out with a kvmclock re-publication, as KVM re-publishes after
+            # writing a vCPU's TSC offset
+            if self.clock.on_ping(msg.t, msg.echo, msg.rx, answered):
+                self.host.publish_clock(self, now)
         elif isinstance(msg, m.Ack):
             pass
         else:
@@ -490,6 +552,14 @@ class Host:
             mutations=self.mutations,
         )
         self.exit_cost = load_profile(cfg.exit_cost) if cfg.exit_cost else None
+        # ---- chaos (host/chaos/): the host half of the run's history
+        target = record_target(cfg.chaos if cfg.chaos is not None else load_plan())
+        self.history: EventLog | None = None
+        if target is not None:
+            header = {"role": "host", "pid": os.getpid(), "vcpus": cfg.vcpus}
+            self.history = EventLog(target, header)
+            self.machine.record = self.history.add
+        # ---- end chaos
         # Devices register themselves in the machine's dispatch tables.  The host reads
         # the real-time clock here, once; device models never read a clock.
         self.kvmclock = KvmClock(
@@ -516,6 +586,8 @@ class Host:
     def close(self) -> None:
         """Release the host's own file descriptors (the timer loop's timerfd)."""
         self._alarm.close()
+        if self.history is not None:
+            self.history.close()
 
     def kick(self) -> None:
         self._alarm.fire_now()
@@ -543,6 +615,8 @@ class Host:
         if all(vl.state is not LinkState.WAIT_HELLO for vl in self.links):
             if self.started_at is None:
                 self.started_at = monotonic_ns()
+                if self.history is not None:
+                    self.history.add(H_RUN_START, self.started_at)
             self.all_connected.set()
 
     def relay_memory(self, source: VcpuLink, msg: m.Csd | m.CsdDone) -> None:
@@ -581,7 +655,29 @@ class Host:
         for i in self.kvmclock.take_publications():
             vl = self.links[i]
             if vl.link is not None and vl.state is not LinkState.DONE:
-                vl.send(m.Pvclock(info=self.machine.vcpus[i].pvclock.to_wire()))
+                sync = vl.clock.take_correction()  # issue 12: the TSC line goes along
+                vl.send(
+                    m.Pvclock(
+                        info=self.machine.vcpus[i].pvclock.to_wire(),
+                        tsc_sync=sync.to_wire() if sync is not None else None,
+                    )
+                )
+
+    def publish_clock(self, vl: VcpuLink, now: int) -> None:
+        """Issue 12: the tracker moved ``vl``'s clock line: publish it to the vCPU in a
+        ``pvclock`` message, with the kvmclock page as it stands.
+
+        The page is not re-anchored at ``now``: it describes the host's own line, which
+        did not change (the vCPU's TSC did), and a ``tsc_timestamp`` taken now would be
+        ahead of the TSC of a vCPU whose clock lags (the correction is what closes that
+        gap), so its unsigned ``tsc - tsc_timestamp`` would wrap: the drift test saw
+        ktime jump by 2^64 * 0.4 ns.  On KVM the TSC is one counter host and guest share,
+        so a fresh anchor is always behind the guest's TSC; across machines it is not.
+        """
+        sync = vl.clock.take_correction()
+        if sync is not None and vl.link is not None and vl.state is not LinkState.DONE:
+            state = self.machine.vcpus[vl.vcpu]
+            vl.send(m.Pvclock(info=state.pvclock.to_wire(), tsc_sync=sync.to_wire()), now)
 
     def run_actions(self) -> None:
         self.send_publications()  # an interrupt armed from a new clock must not overtake it
@@ -599,8 +695,49 @@ class Host:
                         pv_eoi=True if action.pv_eoi else None,
                     )
                 )
+                if self.history is not None and vl.link is not None:
+                    self._record_inject(vl.link.send_next - 1, action)
             elif isinstance(action, CompleteHlt):
                 vl.send(m.ExitReply(re=action.re, value=0, fault=0, host_ns=0))
+
+    # ------------------------------------------------------------------ chaos history
+
+    def record_session(
+        self, vl: VcpuLink, pid: int, kind: int, lost: tuple[int, int] | None, now: int
+    ) -> None:
+        """A session began (its LAPIC counters at that moment too) or resumed."""
+        if self.history is None:
+            return
+        lo, hi = lost or (0, 0)
+        self.history.add(H_SESSION, now, vl.vcpu, vl.session, pid, kind, lo, hi)
+        if kind == SESSION_NEW:
+            state = self.machine.vcpus[vl.vcpu]
+            self.history.add(H_LAPIC_BASE, now, vl.vcpu, state.lapic.stats.eois, state.injected)
+
+    def _record_inject(self, seq: int, action: InjectIrq) -> None:
+        """An injection went out as link message ``seq``, with what it carries."""
+        assert self.history is not None
+        sent = monotonic_ns()
+        self.history.add(
+            H_INJECT, sent, action.vcpu, seq, action.vector, action.origin, len(action.ipis)
+        )
+        for src, gen, src_seq in action.ipis:
+            self.history.add(H_INJECT_IPI, sent, action.vcpu, seq, src, gen, src_seq)
+
+    async def watchdog(self) -> None:
+        """Chaos history: gaps in the host's own scheduling (a timer that fires late while
+        the host process was not running is explained by this)."""
+        assert self.history is not None
+        last = monotonic_ns()
+        while True:
+            await trio.sleep(WATCHDOG_S)
+            now = monotonic_ns()
+            gap = now - last - int(WATCHDOG_S * 1e9)
+            if gap >= WATCHDOG_GAP_NS:
+                self.history.add(H_STALL, now - gap, gap)
+            last = now
+
+    # ------------------------------------------------------------------ end chaos history
 
     async def timer_loop(self) -> None:
         while True:
@@ -639,6 +776,8 @@ class Host:
     async def stop_all(self) -> None:
         """Tell every vCPU to stop, collect reports and goodbyes (bounded wait)."""
         self.stopping = True
+        if self.history is not None:
+            self.history.add(H_RUN_END, monotonic_ns())
         self.machine.shutdown()
         self.run_actions()
         for vl in self.links:
@@ -689,7 +828,9 @@ class Host:
         """What each device model counted for this vCPU (coalesced interrupts, EOIs, ...)."""
         state = self.machine.vcpus[vcpu]
         return {
-            "lapic": asdict(state.lapic.stats) | {"timer_advance_ns": state.lapic.timer_advance_ns},
+            "lapic": asdict(state.lapic.stats)
+            | {"timer_advance_ns": state.lapic.timer_advance_ns}
+            | _in_service(state.lapic.isr, state.lapic.irr),
             "pv_eois": state.pv_eois,
             "pvtimer": asdict(self.pvtimer.stats[vcpu]),
             "vmi_alarm": asdict(self.vmi_alarm.stats[vcpu]),
@@ -717,6 +858,7 @@ class Host:
                 "link_errors": list(vl.errors),
                 "host_bugs": vl.host_bugs + len(self.machine.vcpus[vl.vcpu].bugs),
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,
+                "clock": vl.clock.as_dict(),  # issue 12: offset, drift, error bound
             }
             if vl.report is not None:
                 r = vl.report
@@ -777,6 +919,14 @@ class Host:
         }
 
 
+def _in_service(isr: int, irr: int) -> dict[str, list[int]]:
+    """The vectors in service and pending (chaos: LAPIC consistency at the end)."""
+    return {
+        "isr_vectors": [v for v in range(256) if isr >> v & 1],
+        "irr_vectors": [v for v in range(256) if irr >> v & 1],
+    }
+
+
 def _hdr_text(vl: VcpuLink, field: str, blob: bytes | None) -> str | None:
     """A report's HDR histogram as the base64 text it must be; anything else (the schema
     admits any bytes) is recorded against the vCPU and dropped, so one bad report cannot
@@ -810,10 +960,53 @@ def _spin_until(host_ns: int) -> None:
         pass
 
 
+# ---------------------------------------------------------------------- exposure (issue 12)
+
+
+def check_exposure(url: str, allow_insecure_tcp: bool = False) -> None:
+    """Refuse a clear-text tcp:// listen beyond loopback unless asked for explicitly.
+
+    The token authenticates a vCPU, but over tcp:// it travels in clear text, as does
+    every exit: anyone on the path can read the token and take a vCPU's place.  Loopback
+    never leaves the machine; tls+tcp:// is encrypted; anything else needs
+    ``--allow-insecure-tcp`` (a lab network the user trusts, or a test's namespaces).
+    An unspecified address (0.0.0.0, ::) listens on every interface and counts as
+    beyond loopback.
+
+    Raises:
+        OSError: the one-line refusal (the command line exits with status 2).
+    """
+    if allow_insecure_tcp or not url.startswith("tcp://"):
+        return
+    host = urlsplit(url).hostname or "127.0.0.1"
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        addresses = {host}  # unresolvable: check_listen or nng will say so; refuse here
+    if all(_is_loopback(a) for a in addresses):
+        return
+    raise OSError(
+        f"{url} would carry the token and every exit in clear text beyond loopback: "
+        "listen on 127.0.0.1, use tls+tcp:// (certificates: vtick topology certs DIR), "
+        "or pass --allow-insecure-tcp on a network you trust"
+    )
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------- end of exposure
+
+
 async def serve(
     cfg: HostConfig, *, task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED
 ) -> dict[str, Any]:
     """Run the host until the run is over; return (and optionally write) the results."""
+    check_exposure(cfg.listen, cfg.allow_insecure_tcp)  # before anything listens
     host = Host(cfg)
     urls = [link_url(cfg.listen, i) for i in range(cfg.vcpus)]
     endpoints: list[PairEndpoint] = []
@@ -827,6 +1020,8 @@ async def serve(
                 nursery.start_soon(vl.ep.run_sender)
                 nursery.start_soon(vl.watch_pipes)
             nursery.start_soon(host.timer_loop)
+            if host.history is not None:
+                nursery.start_soon(host.watchdog)  # chaos history (host/chaos/)
 
             def interrupted(signum: int) -> None:
                 host.interrupted = f"interrupted by {signal.Signals(signum).name}"

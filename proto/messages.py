@@ -119,6 +119,8 @@ class Ping(Message):
     RULE: ClassVar[str] = "ping"
     SEQUENCED: ClassVar[bool] = False
     t: int
+    echo: int | None = None
+    rx: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ class Inject(Message):
 class Pvclock(Message):
     RULE: ClassVar[str] = "pvclock"
     info: dict[str, int]
+    tsc_sync: dict[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

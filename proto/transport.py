@@ -27,7 +27,12 @@ __all__ = [
     "ipc_path",
     "monotonic_ns",
     "set_clock_skew",
+    "set_clock_drift",
     "trio_deadline",
+    "tls_config",
+    "TLS_CERT_ENV",
+    "TLS_KEY_ENV",
+    "TLS_CA_ENV",
 ]
 
 #: how to wait for a message: "fd" (trio waits on nng's receive-notification fd, then a
@@ -40,8 +45,17 @@ RECV_METHODS = ("fd", "arecv")
 RECONNECT_MIN_MS = 10
 RECONNECT_MAX_MS = 200
 
+#: Messages nng may queue per socket before they are received (NNG_OPT_RECVBUF; 8192 is
+#: the most Pair0 accepts).  This is a workaround for a crash in nng itself, not a
+#: tuning knob: see PairEndpoint.__init__.
+RECV_BUFFER_MSGS = 8192
+
 
 _CLOCK_SKEW_NS = 0
+#: --clock-drift-ppm (issue 12): this process's clock gains _CLOCK_DRIFT_PPB ns per 10^9
+#: ns of CLOCK_MONOTONIC since _CLOCK_DRIFT_FROM, as a machine whose oscillator is off
+_CLOCK_DRIFT_PPB = 0
+_CLOCK_DRIFT_FROM = 0
 
 
 def set_clock_skew(ns: int) -> None:
@@ -55,9 +69,23 @@ def set_clock_skew(ns: int) -> None:
     _CLOCK_SKEW_NS = ns
 
 
+def set_clock_drift(ppb: int) -> None:
+    """Make this process's clock run ``ppb`` parts per 10^9 fast (negative: slow) from now
+    on, as another machine's clock drifts against the host's (``vtick guest
+    --clock-drift-ppm``: what the host's clock tracking corrects; issue 12)."""
+    global _CLOCK_DRIFT_PPB, _CLOCK_DRIFT_FROM
+    if ppb <= -1_000_000_000:
+        raise ValueError(f"a drift of {ppb} ppb would stop the clock")
+    _CLOCK_DRIFT_FROM = time.monotonic_ns()
+    _CLOCK_DRIFT_PPB = ppb
+
+
 def monotonic_ns() -> int:
-    """This machine's CLOCK_MONOTONIC in ns (plus any configured skew)."""
-    return time.monotonic_ns() + _CLOCK_SKEW_NS
+    """This machine's CLOCK_MONOTONIC in ns (plus any configured skew and drift)."""
+    now = time.monotonic_ns()
+    if _CLOCK_DRIFT_PPB:
+        now += (now - _CLOCK_DRIFT_FROM) * _CLOCK_DRIFT_PPB // 1_000_000_000
+    return now + _CLOCK_SKEW_NS
 
 
 def trio_deadline(host_ns: int) -> float:
@@ -77,16 +105,69 @@ def link_url(base: str, vcpu: int) -> str:
     parts = urlsplit(base)
     if parts.scheme in ("ipc", "abstract", "inproc"):
         return f"{base}.{vcpu}"
-    if parts.scheme == "tcp":
+    # tls+tcp:// (issue 12) numbers its ports as tcp:// does; nng's TLS transport
+    if parts.scheme in ("tcp", "tls+tcp"):
         if parts.port is None or parts.port == 0:
-            raise ValueError(f"{base}: tcp URLs need an explicit port (vCPU i uses port+i)")
+            raise ValueError(
+                f"{base}: {parts.scheme} URLs need an explicit port (vCPU i uses port+i)"
+            )
         if parts.port + vcpu > 65535:
             raise ValueError(f"{base}: port {parts.port}+{vcpu} is beyond 65535")
         host = parts.hostname or "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"tcp://{host}:{parts.port + vcpu}"
-    raise ValueError(f"{base}: unsupported transport {parts.scheme!r} (use ipc:// or tcp://)")
+        return f"{parts.scheme}://{host}:{parts.port + vcpu}"
+    raise ValueError(
+        f"{base}: unsupported transport {parts.scheme!r} (use ipc://, tcp:// or tls+tcp://)"
+    )
+
+
+# ---------------------------------------------------------------------- TLS (issue 12)
+#: PEM files of a tls+tcp:// link, from the environment (like the token, never on a
+#: command line; ``vtick topology certs DIR`` writes a self-signed pair).  The host
+#: presents CERT and KEY; a vCPU trusts CA (the same self-signed certificate will do)
+#: and checks the host's name against VTICK_TLS_SERVER_NAME (default "vtick", the name
+#: ``vtick topology certs`` puts in the certificate).  TLS authenticates the host and
+#: encrypts the link; the run's token is still checked on top (docs/topology.md).
+TLS_CERT_ENV = "VTICK_TLS_CERT"
+TLS_KEY_ENV = "VTICK_TLS_KEY"
+TLS_CA_ENV = "VTICK_TLS_CA"
+TLS_SERVER_NAME_ENV = "VTICK_TLS_SERVER_NAME"
+TLS_SERVER_NAME = "vtick"
+
+
+def tls_config(server: bool) -> pynng.TLSConfig:
+    """The nng TLS configuration of one end of a tls+tcp:// link, from the environment.
+
+    Raises:
+        OSError: a variable is unset or its file cannot be read (one line, naming it).
+    """
+
+    def pem(env: str) -> str:
+        path = os.environ.get(env)
+        if not path:
+            side = "host" if server else "vCPU"
+            raise OSError(f"tls+tcp:// needs ${env} (a PEM file) on the {side} side")
+        try:
+            with open(path) as fh:
+                return fh.read()
+        except OSError as exc:
+            raise OSError(f"${env}={path}: {exc.strerror}") from None
+
+    if server:
+        return pynng.TLSConfig(
+            pynng.TLSConfig.MODE_SERVER,
+            own_cert_string=pem(TLS_CERT_ENV),
+            own_key_string=pem(TLS_KEY_ENV),
+        )
+    return pynng.TLSConfig(
+        pynng.TLSConfig.MODE_CLIENT,
+        ca_string=pem(TLS_CA_ENV),
+        server_name=os.environ.get(TLS_SERVER_NAME_ENV, TLS_SERVER_NAME),
+    )
+
+
+# ---------------------------------------------------------------------- end of TLS
 
 
 def ipc_path(url: str) -> str | None:
@@ -122,6 +203,23 @@ class PairEndpoint:
             raise ValueError(f"{RECV_METHOD_ENV}={self.recv_method!r}: use one of {RECV_METHODS}")
         self.sock = sock
         self.max_message = max_message
+        # Workaround for a use-after-stop race in nng's pair0 (nng 1.11.0, bundled in
+        # pynng 0.9.0), which made the host segfault in nng_recvmsg while vCPUs dropped
+        # and re-dialed pipes.  With nng's default receive buffer of 0 messages, a
+        # message read from a pipe is parked in that pipe ("rd_ready") until someone
+        # receives it.  When the pipe closes while such a read is completing,
+        # pair0_pipe_stop() can run first (it sets the socket's pipe to NULL), then the
+        # late pair0_pipe_recv_cb() sets rd_ready again without checking that its pipe
+        # is still the socket's; the next nng_recvmsg/nng_recv_aio (the fd path and
+        # arecv alike) then takes the message from pipe NULL -> SIGSEGV.  With a
+        # receive buffer, pair0 queues each message on the socket and only falls back to
+        # rd_ready when the buffer is full, so the crash needs RECV_BUFFER_MSGS unread
+        # messages at the moment a pipe dies (twice the link's send window).  The late
+        # message is then simply queued, tagged with the dead pipe's id, and callers
+        # already treat frames from a pipe other than the session's as stale.  Cost: up
+        # to RECV_BUFFER_MSGS messages (of at most max_message) queued per socket.
+        # Remove this once nng's pair0 checks the pipe there.
+        sock.recv_buffer_size = RECV_BUFFER_MSGS
         self._token = trio.lowlevel.current_trio_token()
         send, recv = trio.open_memory_channel[PipeEvent](math.inf)
         self._events_send = send
@@ -137,6 +235,12 @@ class PairEndpoint:
     @classmethod
     def listen(cls, url: str, max_message: int) -> PairEndpoint:
         sock = pynng.Pair0(recv_max_size=max_message)
+        if url.startswith("tls+tcp://"):
+            try:
+                sock.tls_config = tls_config(server=True)
+            except (OSError, pynng.NNGException) as exc:
+                sock.close()
+                raise OSError(f"cannot listen on {url}: {exc}") from None
         ep = cls(sock, max_message)
         try:
             sock.listen(url)
@@ -152,6 +256,12 @@ class PairEndpoint:
             reconnect_time_min=RECONNECT_MIN_MS,
             reconnect_time_max=RECONNECT_MAX_MS,
         )
+        if url.startswith("tls+tcp://"):
+            try:
+                sock.tls_config = tls_config(server=False)
+            except (OSError, pynng.NNGException) as exc:
+                sock.close()
+                raise OSError(f"cannot dial {url}: {exc}") from None
         ep = cls(sock, max_message, recv_method)
         # block=False: keep retrying in the background until the host is there
         sock.dial(url, block=False)
@@ -178,14 +288,14 @@ class PairEndpoint:
             self._recv_fd = self.sock.recv_fd
         while True:
             if self._closed:
-                raise pynng.Closed
+                raise _closed()
             try:
                 msg = self.sock.recv_msg(block=False)
             except pynng.TryAgain:
                 try:
                     await trio.lowlevel.wait_readable(self._recv_fd)
                 except trio.ClosedResourceError:
-                    raise pynng.Closed from None
+                    raise _closed() from None
                 continue
             # data was already there: still give other tasks their turn
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -239,6 +349,12 @@ class PairEndpoint:
             with contextlib.suppress(Exception):
                 trio.lowlevel.notify_closing(self._recv_fd)
         self.sock.close()
+
+
+def _closed() -> pynng.Closed:
+    """The exception pynng raises for a closed socket (its constructor takes a message
+    and an errno: a bare ``raise pynng.Closed`` is a TypeError)."""
+    return pynng.Closed("socket closed", pynng.lib.NNG_ECLOSED)
 
 
 def remove_ipc_file(url: str) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pynng
 
@@ -62,6 +63,23 @@ class StandaloneHost:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def wait_connected(self, vcpu: int, timeout: float = 30) -> None:
+        """Until a peer holds vCPU ``vcpu``'s link: its socket file has a connected entry
+        in /proc/net/unix (state 03), so a test needs no guess of how long a guest takes
+        to start on a loaded machine."""
+        path = f"{self.url.removeprefix('ipc://')}.{vcpu}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open("/proc/net/unix") as fh:
+                if any(
+                    line.split()[5] == "03" and line.rstrip().endswith(" " + path)
+                    for line in fh
+                    if len(line.split()) >= 8
+                ):
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"no peer connected to vCPU {vcpu}'s link within {timeout} s")
 
     def finish(self, timeout: float = 40) -> tuple[int, dict, str]:
         _, err = self.proc.communicate(timeout=timeout)

@@ -83,7 +83,7 @@ STRATEGIES = {
     m.Refuse: st.builds(m.Refuse, code=U16, reason=TEXT),
     m.Ack: st.builds(m.Ack, resend=st.none() | st.booleans()),
     m.Error: st.builds(m.Error, code=U16, reason=TEXT),
-    m.Ping: st.builds(m.Ping, t=U64),
+    m.Ping: st.builds(m.Ping, t=U64, echo=st.none() | U64, rx=st.none() | U64),
     m.Pong: st.builds(m.Pong, t=U64, host=U64),
     m.ExitMmioRead: st.builds(
         m.ExitMmioRead, gpa=U64, size=MMIO_SIZE, pv_eoi=st.none() | st.booleans()
@@ -106,7 +106,12 @@ STRATEGIES = {
         m.ExitReply, re=U64, value=st.integers(-(2**63), 2**64 - 1), fault=U8, host_ns=U64
     ),
     m.Inject: st.builds(m.Inject, vector=U8, host_time=U64, pv_eoi=st.none() | st.booleans()),
-    m.Pvclock: st.builds(m.Pvclock, info=PVCLOCK_INFO),
+    m.Pvclock: st.builds(
+        m.Pvclock,
+        info=PVCLOCK_INFO,
+        tsc_sync=st.none()
+        | st.fixed_dictionaries({"at": U64, "offset": I64, "ppb": I64, "bound": U64}),
+    ),
     m.Shutdown: st.builds(m.Shutdown, reason=TEXT),
     m.Report: st.builds(
         m.Report,

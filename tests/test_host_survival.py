@@ -343,8 +343,10 @@ async def test_a_host_that_stops_answering_is_named_and_cleaned_up(tmp_path, mon
         while not stopped:
             await trio.sleep(0.1)
             pid = _child_host(os.getpid())
-            if pid is not None:
-                await trio.sleep(0.5)  # let it announce and accept its vCPUs
+            # once its link's socket exists the host is listening (READY follows at
+            # once): stopping it earlier would test the READY timeout instead
+            if pid is not None and list(tmp.glob("vtick-*/link.0")):
+                await trio.sleep(0.3)
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
 

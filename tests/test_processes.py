@@ -345,10 +345,11 @@ def test_restarted_vcpu_process_is_reported_not_silent() -> None:
     Whatever the old process had not acknowledged is gone with it; the host must say so
     (and which messages), serve the new process, and end the run as not ok.
     """
-    host = StandaloneHost(vcpus=1, duration=3.0)
+    host = StandaloneHost(vcpus=1, duration=4.0)
     try:
         first = host.guest(0)
-        time.sleep(1.2)
+        host.wait_connected(0)
+        time.sleep(1.0)  # welcomed, booted and running
         first.kill()
         first.communicate()
         second = host.guest(0)
@@ -610,10 +611,14 @@ async def test_every_ipi_path_delivers_each_call(tmp_path, ipi) -> None:
 def test_smp_call_function_with_a_dead_target_ends_in_errors_not_a_hang() -> None:
     """Invariant 4: a vCPU dies in the middle of an IPI storm.  The others' waits end with
     an error within the csd timeout, they keep running and finish the run normally."""
-    host = StandaloneHost(3, 2.5, "--workload", "ipi", "--report-timeout", "2")
+    # The run must outlast the kill by more than the 1 s csd timeout: a call still
+    # waiting when the run ends is cut off, not an error.
+    host = StandaloneHost(3, 4.0, "--workload", "ipi", "--report-timeout", "2")
     try:
         guests = [host.guest(i) for i in range(3)]
-        time.sleep(1.5)
+        for i in range(3):
+            host.wait_connected(i)
+        time.sleep(1.0)  # every vCPU booted and online before vCPU 2 dies
         guests[2].kill()
         guests[2].communicate()
         code, results, _ = host.finish(timeout=60)

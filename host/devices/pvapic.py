@@ -108,17 +108,23 @@ class PvApic:
         by_id = {state.lapic.apic_id: state for state in self.machine.vcpus}
         delivered = 0
         bitmap = (low & _U64) | ((high & _U64) << SEND_IPI_CLUSTER)
+        if self.machine.mutations.sometimes("drop-ipi"):
+            bitmap = 0  # mutation: the IPI reaches no LAPIC (vtick.host.mutations)
         while bitmap:
             bit = (bitmap & -bitmap).bit_length() - 1
             bitmap &= bitmap - 1
             target = by_id.get(first + bit)
-            if target is None or not target.lapic.hw_enabled:
+            if target is None:
+                continue
+            if not target.lapic.hw_enabled:
+                self.machine.note_ipi(vcpu.vcpu, target.vcpu, vector, False)
                 continue
             # Counted like KVM's kvm_apic_set_irq: a vector already pending in IRR is
             # still "delivered" (it coalesces; the LAPIC counts that separately).
-            target.lapic.accept_irq(
+            accepted = target.lapic.accept_irq(
                 vector, delivery_mode=mode, level=level, trigger_level=trigger_level, now=now
             )
+            self.machine.note_ipi(vcpu.vcpu, target.vcpu, vector, accepted)
             delivered += 1
         self.stats[vcpu.vcpu].send_ipi_delivered += delivered
         return delivered

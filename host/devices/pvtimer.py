@@ -44,6 +44,8 @@ from vtick.proto.clockmath import U64_MASK
 __all__ = ["PvTimer", "PvTimerStats", "s64"]
 
 TIMER = "pvtimer"
+#: how soon the ``double-fire`` mutation fires the timer again (vtick.host.mutations)
+DOUBLE_FIRE_NS = 20_000
 
 
 def s64(value: int) -> int:
@@ -187,3 +189,6 @@ class PvTimer:
         self.armed.pop(vcpu.vcpu, None)
         self.stats[vcpu.vcpu].fires += 1
         vcpu.raise_irq(self.vector, now)
+        if self.machine.mutations.sometimes("double-fire"):
+            # mutation: the one-shot fires a second time (vtick.host.mutations)
+            self.machine.arm_timer(TIMER, vcpu, now + DOUBLE_FIRE_NS, self._fire)

@@ -54,6 +54,10 @@ class CampaignOptions:
     mutations: tuple[str, ...] = ()
     #: vCPUs per guest process (launcher.RunOptions.vcpus_per_process)
     vcpus_per_process: int = 1
+    #: let each host listen on a non-loopback tcp:// address (issue 12)
+    allow_insecure_tcp: bool = False
+    #: record every event and explain each path's worst late timers (issue 15)
+    explain: bool = False
 
     def runs(self) -> list[tuple[str, str]]:
         """(family, name) of every run, in order."""
@@ -125,6 +129,8 @@ async def run_campaign(
                 trace=opts.trace,
                 mutations=opts.mutations,
                 vcpus_per_process=opts.vcpus_per_process,
+                allow_insecure_tcp=opts.allow_insecure_tcp,
+                explain=opts.explain,
             )
             entry: dict[str, Any] = {"family": family, "name": name}
             with trio.CancelScope() as scope:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vtick.host.chaos.explain import Recording
 from vtick.host.results import write_json
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
@@ -91,6 +92,10 @@ class RunOptions:
     #: vCPUs per guest process (each keeps its own link and kernel model); 1 = one
     #: process per vCPU, as on a real host where each vCPU is a thread of its own
     vcpus_per_process: int = 1
+    #: let the host listen on a non-loopback tcp:// address (issue 12: refused otherwise)
+    allow_insecure_tcp: bool = False
+    #: record every event and explain the worst late timers (issue 15; results["explain"])
+    explain: bool = False
 
 
 def describe_status(returncode: int) -> str:
@@ -161,12 +166,14 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
     env[RUN_DIR_ENV] = run_dir
     children = _Children()
     failure: list[str] = []
+    recording = Recording() if opts.explain else None  # issue 15: the path's event logs
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, failure)
             param_args = [
                 a for k, v in sorted(opts.params.items()) for a in ("--param", f"{k}={v}")
             ]
+            host_plan = recording.host() if recording else ({}, ())
             host = await trio.lowlevel.open_process(
                 _child_cmd(
                     "host",
@@ -188,12 +195,14 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                     *(["--ipi", opts.ipi] if opts.ipi else []),
                     *(["--exit-cost", opts.exit_cost] if opts.exit_cost else []),
                     *[a for name in opts.mutations for a in ("--mutate", name)],
+                    *(["--allow-insecure-tcp"] if opts.allow_insecure_tcp else []),
                     *(["--trace"] if opts.trace else []),
                     "--results",
                     host_results,
                     *param_args,
                 ),
-                env=env,
+                env=env | host_plan[0],
+                pass_fds=host_plan[1],
                 stdout=subprocess.PIPE,
                 start_new_session=True,
             )
@@ -202,6 +211,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
             per = max(1, opts.vcpus_per_process)
             for first in range(0, opts.vcpus, per):
                 last = min(first + per, opts.vcpus) - 1
+                guest_plan = recording.guests(range(first, last + 1)) if recording else ({}, ())
                 proc = await trio.lowlevel.open_process(
                     _child_cmd(
                         "guest",
@@ -215,7 +225,8 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                             for a in ("--preempt", f"{k}={v}")
                         ],
                     ),
-                    env=env,
+                    env=env | guest_plan[0],
+                    pass_fds=guest_plan[1],
                     stdout=subprocess.DEVNULL,
                     start_new_session=True,
                 )
@@ -244,6 +255,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
             failure.append(str(group.exceptions[0]))
     finally:
         await children.stop_all()
+        explained = recording.explain(_config(opts)) if recording else None  # issue 15
         results = _collect_and_remove(run_dir, host_results)
     if failure:
         if failure[0].startswith("interrupted by"):
@@ -251,9 +263,21 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
         raise RunFailed(failure[0])
     if results is None:
         raise RunFailed(f"host wrote no results ({describe_status(host.returncode or 0)})")
+    if explained is not None:
+        results["explain"] = explained
     if results_path is not None:
         write_json(results_path, results)
     return results
+
+
+def _config(opts: RunOptions) -> dict[str, object]:
+    return {
+        "seed": opts.seed,
+        "mode": opts.mode,
+        "ipi": opts.ipi,
+        "vcpus": opts.vcpus,
+        "duration_s": opts.duration_s,
+    }
 
 
 def orphaned_host_cleanup(results_path: str | None) -> bool:

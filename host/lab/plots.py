@@ -23,6 +23,11 @@ A campaign document (``host/campaign.py``) lists its runs in order; each run is 
     IPI family.  Two panels of CDFs, one line per IPI variant: IPI latency (the guests'
     ``ipi_hdr``: csd queued -> function ran) and ``smp_call_function`` duration (the
     guests' ``call_hdr``), both in µs on a log axis.
+``lateness_breakdown.png``
+    Timer family, ``vtick run --explain`` only.  Per mode two stacked bars: the mean
+    lateness of all its timer events and of its worst 1 %, split into the parts of
+    ``vtick.host.chaos.explain.PARTS`` (programmed late, host timer, host handling,
+    transit, guest until handler, handler).
 ``lateness_over_time.png``
     Timer family.  Lateness (µs) against guest time (s) from the guests' decimated
     ``timeline`` ([guest_ktime_ns, lateness_ns] pairs), all vCPUs of a mode in one colour;
@@ -53,16 +58,19 @@ from vtick.host.lab.metrics import merge_hdr
 
 __all__ = [
     "write_plots",
+    "write_chaos_plot",
     "LATENESS_CDF",
     "EXITS_PER_EVENT",
     "IPI_LATENCY",
     "LATENESS_OVER_TIME",
+    "LATENESS_BREAKDOWN",
 ]
 
 LATENESS_CDF = "lateness_cdf.png"
 EXITS_PER_EVENT = "exits_per_event.png"
 IPI_LATENCY = "ipi_latency.png"
 LATENESS_OVER_TIME = "lateness_over_time.png"
+LATENESS_BREAKDOWN = "lateness_breakdown.png"
 
 _DPI = 120
 #: qualitative palette (matplotlib's tab10, then tab20's light shades) as fixed hex strings
@@ -110,6 +118,7 @@ def write_plots(campaign: dict[str, Any], out_dir: str) -> list[str]:
         (EXITS_PER_EVENT, _exits_per_event(timer)),
         (IPI_LATENCY, _ipi_latency(ipi)),
         (LATENESS_OVER_TIME, _lateness_over_time(timer, colors)),
+        (LATENESS_BREAKDOWN, _lateness_breakdown(timer)),
     ]
     os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
@@ -339,4 +348,117 @@ def _lateness_over_time(timer: Iterable[tuple[str, Run]], colors: dict[str, str]
     ax.grid(True, color="0.9", linewidth=0.7)
     ax.set_axisbelow(True)
     ax.legend(loc="upper right", fontsize="small", markerscale=3, framealpha=0.9)
+    return fig
+
+
+# ---------------------------------------------------------------------- chaos (issue 10)
+
+#: fault kinds in the order and colours of the chaos plot's shading
+_FAULT_COLORS = {
+    "stop": "#d62728",
+    "host-stop": "#9467bd",
+    "window": "#ff7f0e",
+    "crash": "#000000",
+    "link": "#17becf",
+}
+
+
+def write_chaos_plot(history: list[dict[str, Any]], path: str) -> str | None:
+    """``vtick chaos --plots``: one run's timer lateness over time, one panel per vCPU,
+    with the fault windows shaded on the vCPU they hit (a host stop on every panel).
+
+    Points are the history's ``timer-fire`` events (every callback, not a sample), x in
+    seconds of guest ktime (0 = the host's start), y the lateness in ms on a symmetric
+    log axis.  Returns the path, or None (nothing written) when no timer fired.
+    """
+    run = history[0]["value"] if history and history[0]["f"] == "run" else {}
+    origin = run.get("ktime_epoch") or (history[0]["time"] if history else 0)
+    points: dict[int, tuple[list[float], list[float]]] = {}
+    faults: list[tuple[str, int, float, float]] = []
+    opened: dict[Any, dict[str, Any]] = {}
+    for e in history:
+        if e["f"] == "timer-fire":
+            xs, ys = points.setdefault(e["vcpu"], ([], []))
+            xs.append((e["time"] - origin) / 1e9)
+            ys.append(e["value"]["late_ns"] / 1e6)
+        elif e["f"] == "fault":
+            key = (e["value"].get("kind"), e["value"].get("fault"))
+            if e["type"] == "invoke":
+                opened[key] = e
+            elif key in opened:
+                start = opened.pop(key)
+                faults.append(
+                    (
+                        e["value"].get("kind", "?"),
+                        int(e["value"].get("target", -1)),
+                        (start["time"] - origin) / 1e9,
+                        (e["time"] - origin) / 1e9,
+                    )
+                )
+    if not points:
+        return None
+    vcpus = sorted(points)
+    fig = Figure(figsize=(11.0, 1.0 + 1.9 * len(vcpus)), layout="constrained")
+    axes = fig.subplots(len(vcpus), 1, sharex=True, squeeze=False)[:, 0]
+    shown: set[str] = set()
+    for ax, vcpu in zip(axes, vcpus, strict=True):
+        for kind, target, a, b in faults:
+            if target not in (vcpu, -1):
+                continue
+            label = None if kind in shown else kind
+            shown.add(kind)
+            ax.axvspan(a, max(b, a + 1e-4), color=_FAULT_COLORS.get(kind, "0.5"), alpha=0.25,
+                       linewidth=0, label=label)  # fmt: skip
+        xs, ys = points[vcpu]
+        ax.scatter(xs, ys, s=4, color="#1f77b4", linewidths=0, rasterized=True)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylabel(f"vCPU {vcpu}\nlateness (ms)")
+        ax.grid(True, color="0.9", linewidth=0.7)
+        ax.set_axisbelow(True)
+    axes[-1].set_xlabel("guest time (s); shaded: faults on that vCPU or the host")
+    cfg = run.get("config", {})
+    fig.suptitle(
+        f"Chaos run seed {cfg.get('seed')}: {cfg.get('mode')}, {cfg.get('ipi')}, "
+        f"{cfg.get('vcpus')} vCPUs: timer lateness with the faults"
+    )
+    if shown:
+        fig.legend(loc="outside right upper", fontsize="small", title="fault")
+    fig.savefig(path, dpi=_DPI, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------- --explain (issue 15)
+
+
+def _lateness_breakdown(timer: Sequence[tuple[str, Run]]) -> Figure | None:
+    from vtick.host.chaos.explain import PARTS
+
+    rows = [
+        (name, explained)
+        for name, run in timer
+        if (explained := (run.get("results") or {}).get("explain")) and explained.get("events")
+    ]
+    if not rows:
+        return None
+    fig, axes = _new_figure(width=13.0, height=max(3.0, 0.55 * len(rows) + 2.0), ncols=2)
+    for ax, key, title in zip(
+        axes,
+        ("mean_ns", "worst_mean_ns"),
+        ("all timer events (mean)", "the worst 1 % (mean)"),
+        strict=True,
+    ):
+        ys = list(range(len(rows)))
+        lefts = [0.0] * len(rows)
+        for i, part in enumerate(PARTS):
+            widths = [(explained.get(key) or {}).get(part, 0) / 1e3 for _, explained in rows]
+            ax.barh(ys, widths, 0.6, left=lefts, label=part, color=_color(i), edgecolor="white")
+            lefts = [a + w for a, w in zip(lefts, widths, strict=True)]
+        ax.set_yticks(ys, [name for name, _ in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("lateness (µs), split along the path")
+        ax.set_title(title)
+        ax.grid(True, axis="x", color="0.9", linewidth=0.7)
+        ax.set_axisbelow(True)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Where timer lateness goes, per timer mode (vtick run --explain)")
     return fig

@@ -571,3 +571,64 @@ def print_compare(
             change = "" if va == 0 else f"{(vb - va) / va * 100:+.1f}%"
             table.add_row(f"{row['family']}/{row['name']}", label, f"{va:.2f}", f"{vb:.2f}", change)
     console.print(table)
+
+
+# ---------------------------------------------------------------------- --explain (issue 15)
+
+#: short names of vtick.host.chaos.explain.PARTS for the printed breakdown
+_PART_NAMES = {
+    "programmed late": "programmed late",
+    "host timer": "host timer",
+    "host handling": "host handling",
+    "transit": "transit",
+    "guest until handler": "guest",
+    "handler": "handler",
+}
+
+
+def _part_line(parts: dict[str, int], total: int) -> str:
+    """The parts that took any time, with their share of the lateness."""
+    shown = []
+    for part, label in _PART_NAMES.items():
+        ns = parts.get(part, 0)
+        if ns <= 0:
+            continue
+        pct = 100 * ns / total if total > 0 else 0.0
+        shown.append(f"{label} {duration_text(ns)} ({pct:.0f}%)")
+    return ", ".join(shown) or "nothing late"
+
+
+def print_explain(campaign: dict[str, Any], console: Console) -> None:
+    """``vtick run --explain``: per timer path, the worst late timers with their lateness
+    split along the path (µs/ms and %) and the blocker named; then each path's average
+    split over all its timer events."""
+    console.print(
+        Text(
+            "Late timers explained: lateness = programmed late + host timer + host "
+            "handling + transit (to the vCPU) + guest (until the handler) + handler",
+            style="bold",
+        )
+    )
+    any_path = False
+    for run in campaign.get("runs", []):
+        explained = (run.get("results") or {}).get("explain")
+        if run.get("family") != "timer" or not explained or not explained.get("events"):
+            continue
+        any_path = True
+        mean = explained.get("mean_ns") or {}
+        total = sum(mean.values())
+        console.print(
+            Text(f"{run['name']}: {explained['events']} timer events; on average ", style="bold")
+            + Text(_part_line(mean, total))
+        )
+        for worst in explained.get("worst", []):
+            late = worst["late_ns"]
+            console.print(
+                f"  timer {worst['timer']} on vCPU {worst['vcpu']}: {duration_text(late)} late "
+                f"(history event {worst['index']})",
+                highlight=False,
+            )
+            console.print(f"    {_part_line(worst['parts'], late)}", highlight=False)
+            console.print(f"    blocker: {worst['blocker']}", highlight=False)
+    if not any_path:
+        console.print("no timer path recorded events to explain")

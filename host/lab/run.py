@@ -63,6 +63,12 @@ def _preflight(args: argparse.Namespace) -> list[str]:
     check_distinct({"--json": args.json, "--trace": args.trace, "--histogram": args.histogram})
     if args.listen:
         check_listen(args.listen, args.vcpus)
+        from vtick.host.server import check_exposure  # issue 12: clear text stays local
+
+        try:
+            check_exposure(args.listen, args.allow_insecure_tcp)
+        except OSError as exc:
+            raise UsageError(f"--listen {exc}") from None
     return ipis
 
 
@@ -96,6 +102,8 @@ def run_main(args: argparse.Namespace) -> int:
         trace=args.trace is not None,
         mutations=tuple(args.mutate),
         vcpus_per_process=args.vcpus_per_process,
+        allow_insecure_tcp=args.allow_insecure_tcp,
+        explain=args.explain,
     )
     paths = opts.runs()
     # a terminal gets its own width; a pipe or a log file gets room for the full tables
@@ -121,6 +129,10 @@ def run_main(args: argparse.Namespace) -> int:
         progress.update(task, completed=len(campaign["runs"]))
     write_json(args.json, campaign)  # first: whatever happens next, the figures are kept
     print_campaign(campaign, console, wide=True if args.wide else None)
+    if args.explain:  # issue 15
+        from vtick.host.lab.report import print_explain
+
+        print_explain(campaign, console)
     if args.trace:
         from vtick.host.lab.trace import write_trace
 

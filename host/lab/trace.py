@@ -15,10 +15,16 @@ Layout, per path of the campaign (runs laid end to end on one timeline):
   programmed to the moment the callback ran (args: requested expiry, interrupt arrival,
   lateness);
 * thread 4 of a vCPU: each csd of its ``smp_call_function`` calls, from queued to the
-  wait's return, with a flow to a short "csd ran" slice on the target vCPU's thread 5.
+  wait's return, with a flow to a short "csd ran" slice on the target vCPU's thread 5;
+* thread 6 of a vCPU (``vtick run --explain``): each explained late timer as consecutive
+  slices, one per part of its lateness (programmed late, host timer, host handling,
+  transit, guest until handler, handler), the blocker in the args.
 
 Times are guest ktime (one clock for every vCPU of a machine), in microseconds relative to
 the path's first record, as the trace-event format wants; ``displayTimeUnit`` is ns.
+
+``vtick chaos --trace`` writes one run's history the same way, with its faults as slices
+(:func:`chaos_trace_events`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["trace_events", "write_trace"]
+from vtick.host.chaos.explain import PARTS as EXPLAIN_PARTS
+
+__all__ = ["trace_events", "write_trace", "chaos_trace_events", "write_chaos_trace"]
 
 _GAP_US = 1000.0  # between two paths on the timeline
 _TINY_US = 0.001
@@ -184,6 +192,31 @@ def trace_events(campaign: dict[str, Any]) -> list[dict[str, Any]]:
                         }
                     )
                 events.append(call)
+        for worst in (results.get("explain") or {}).get("worst", []):
+            # --explain (issue 15): the worst timers' lateness, part after part
+            pid = host_pid + 1 + worst["vcpu"]
+            events.append(_thread(pid, 6, "late timers explained"))
+            points = worst["points_ktime"]
+            for part, a, b in zip(EXPLAIN_PARTS, points, points[1:], strict=False):
+                if b <= a:
+                    continue
+                events.append(
+                    {
+                        "name": part,
+                        "cat": "explain",
+                        "ph": "X",
+                        "ts": us(a),
+                        "dur": (b - a) / 1000,
+                        "pid": pid,
+                        "tid": 6,
+                        "args": {
+                            "timer": worst["timer"],
+                            "late_ns": worst["late_ns"],
+                            "blocker": worst["blocker"],
+                        },
+                    }
+                )
+                end = max(end, us(b))
         offset = end + _GAP_US
     return events
 
@@ -191,6 +224,129 @@ def trace_events(campaign: dict[str, Any]) -> list[dict[str, Any]]:
 def write_trace(campaign: dict[str, Any], path: str) -> int:
     """Write the trace file; returns the number of events."""
     events = trace_events(campaign)
+    with open(path, "w") as fh:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ns"}, fh)
+    return len(events)
+
+
+# ---------------------------------------------------------------------- chaos (issue 10)
+
+
+def chaos_trace_events(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chaos history as trace events: faults as slices next to what they disturbed.
+
+    One process per vCPU (``vCPU i``) with threads: 1 ``faults`` (each stop, crash,
+    preemption window and link fault window on that vCPU, as a slice from its start to
+    its end, args: kind, pattern, fault id), 2 ``timers`` (each callback as a slice from
+    its requested expiry to the moment it ran: its lateness), 3 ``interrupts`` (arrival
+    to handler), 4 ``exits`` (sent to answered); one process ``host`` with the host stops
+    on its ``faults`` thread and each injection as an instant on a thread per vCPU.
+    Times are µs of guest ktime (0 = the host's start).
+    """
+    run = history[0]["value"] if history and history[0]["f"] == "run" else {}
+    origin = run.get("ktime_epoch") or (history[0]["time"] if history else 0)
+
+    def us(t: int) -> float:
+        return (t - origin) / 1000
+
+    host = 1
+    events: list[dict[str, Any]] = [_meta(host, "host"), _thread(host, 1, "faults")]
+    named: set[int] = set()
+
+    def vcpu_pid(vcpu: int) -> int:
+        pid = 100 + vcpu
+        if vcpu not in named:
+            named.add(vcpu)
+            events.append(_meta(pid, f"vCPU {vcpu}"))
+            for tid, name in ((1, "faults"), (2, "timers"), (3, "interrupts"), (4, "exits")):
+                events.append(_thread(pid, tid, name))
+            events.append(_thread(host, 10 + vcpu, f"injections to vCPU {vcpu}"))
+        return pid
+
+    opened: dict[Any, dict[str, Any]] = {}
+    for e in history:
+        f, v, vcpu = e["f"], e["value"], e["vcpu"]
+        if f == "fault":
+            key = (v.get("kind"), v.get("fault"))
+            if e["type"] == "invoke":
+                opened[key] = e
+                continue
+            start = opened.pop(key, e)
+            target = int(v.get("target", -1))
+            pid = host if target < 0 else vcpu_pid(target)
+            name = v.get("kind", "fault") + (f" {v['pattern']}" if v.get("pattern") else "")
+            events.append(
+                {
+                    "name": name,
+                    "cat": "fault",
+                    "ph": "X",
+                    "ts": us(start["time"]),
+                    "dur": max((e["time"] - start["time"]) / 1000, _TINY_US),
+                    "pid": pid,
+                    "tid": 1,
+                    "args": {k: v[k] for k in ("fault", "kind", "pattern", "direction") if k in v},
+                }
+            )
+        elif f == "timer-fire" and vcpu is not None:
+            events.append(
+                {
+                    "name": f"timer {v['timer']}",
+                    "cat": "timer",
+                    "ph": "X",
+                    "ts": us(v["expires_host"]),
+                    "dur": max(v["late_ns"] / 1000, _TINY_US),
+                    "pid": vcpu_pid(vcpu),
+                    "tid": 2,
+                    "args": {"late_ns": v["late_ns"], "irq": v.get("irq")},
+                }
+            )
+        elif f == "irq" and vcpu is not None:
+            done = v["handled"] or e["time"]
+            events.append(
+                {
+                    "name": f"irq {v['vector']:#x}",
+                    "cat": "irq",
+                    "ph": "X",
+                    "ts": us(e["time"]),
+                    "dur": max((done - e["time"]) / 1000, _TINY_US),
+                    "pid": vcpu_pid(vcpu),
+                    "tid": 3,
+                    "args": {"seq": v["seq"], "handled": v["handled"] is not None},
+                }
+            )
+        elif f == "exit" and vcpu is not None:
+            events.append(
+                {
+                    "name": v["kind"],
+                    "cat": "exit",
+                    "ph": "X",
+                    "ts": us(e["time"]),
+                    "dur": max((v["rtt_ns"] or 0) / 1000, _TINY_US),
+                    "pid": vcpu_pid(vcpu),
+                    "tid": 4,
+                    "args": {"seq": v["seq"], "answered": v["rtt_ns"] is not None},
+                }
+            )
+        elif f == "inject" and vcpu is not None:
+            vcpu_pid(vcpu)
+            events.append(
+                {
+                    "name": f"inject {v['vector']:#x}",
+                    "cat": "irq",
+                    "ph": "i",
+                    "s": "t",
+                    "ts": us(e["time"]),
+                    "pid": host,
+                    "tid": 10 + vcpu,
+                    "args": {"seq": v["seq"], "timer": v.get("timer"), "ipis": v.get("ipis")},
+                }
+            )
+    return events
+
+
+def write_chaos_trace(history: list[dict[str, Any]], path: str) -> int:
+    """Write a chaos run's trace file (``vtick chaos --trace``); returns its event count."""
+    events = chaos_trace_events(history)
     with open(path, "w") as fh:
         json.dump({"traceEvents": events, "displayTimeUnit": "ns"}, fh)
     return len(events)

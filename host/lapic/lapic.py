@@ -68,6 +68,9 @@ from vtick.proto.clockmath import tdcr_divisor
 
 __all__ = ["Lapic", "LapicStats"]
 
+#: how soon the ``double-fire`` mutation fires a spent one-shot again (vtick.host.mutations)
+DOUBLE_FIRE_NS = 20_000
+
 
 @dataclass
 class LapicStats:
@@ -861,6 +864,8 @@ class Lapic:
         if not self._isr:
             self.stats.eoi_noop += 1
             return None
+        if self.mutations.sometimes("lost-eoi"):
+            return None  # mutation: the EOI is ignored, the vector stays in service
         vector = self._isr.bit_length() - 1
         self._isr &= ~(1 << vector)
         self.stats.eois += 1
@@ -1077,6 +1082,8 @@ class Lapic:
         if self._is_periodic() and self._period and self._target is not None:
             self._advance_periodic_target(now)
             self._arm(self._target)
+        elif self.mutations.sometimes("double-fire"):
+            self._arm(now + DOUBLE_FIRE_NS)  # mutation: the spent one-shot fires again
 
     def record_timer_latency(self, delta_tsc: int) -> None:
         """``adjust_lapic_timer_advance``: adapt ``timer_advance_ns`` to a measured error.
