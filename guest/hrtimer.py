@@ -34,6 +34,11 @@ from vtick.proto.eventlog import CANCEL_CANCELLED, CANCEL_REPLACED, G_ARM, G_CAN
 
 __all__ = ["HrtimerQueue", "HighResTimers", "HrtimerCallback", "Expiry"]
 
+#: hrtimer_interrupt's retries before it declares a hang (kernel/time/hrtimer.c)
+HANG_RETRIES = 3
+#: the longest delay it then programs ("Give the CPU at least 100ms to catch up")
+HANG_MAX_DELAY_NS = 100_000_000
+
 #: callback(now, expires) -> new expiry (restart) or None (done)
 HrtimerCallback = Callable[[int, int], int | None]
 
@@ -160,6 +165,7 @@ class HighResTimers:
         self.programmed_at = 0  # when the device was last programmed
         self.interrupts = 0
         self.retries = 0  # -ETIME answers that made hrtimer_interrupt loop
+        self.hangs = 0  # loops cut short after HANG_RETRIES (cpu_base->nr_hangs)
         self.ran = 0
         #: the arm id the device is being programmed for while that exit is out (0: none)
         self.programming = 0
@@ -193,8 +199,15 @@ class HighResTimers:
         """Program the device for the earliest timer if that changed (``hrtimer_reprogram``).
 
         If the earliest timer is already due, run it and look again (what Linux's
-        -ETIME loop in ``hrtimer_interrupt`` achieves).
+        -ETIME loop in ``hrtimer_interrupt`` achieves), three times at most: then, as
+        ``hrtimer_interrupt`` does when it detects a hang ("We give it 3 attempts to avoid
+        overreacting on some spurious event"), the device is programmed with force for
+        now + the time spent looping, at most 100 ms, so the CPU gets to do something
+        else (take its other interrupts) meanwhile.  Without the limit a vCPU whose exits
+        take longer than its timers' spacing never left this loop.
         """
+        entry = self.core.clock()
+        attempts = 0
         while True:
             nxt = self.queue.next_expiry()
             if nxt is None:
@@ -213,6 +226,14 @@ class HighResTimers:
             self.retries += 1
             self.dev.next_event = KTIME_MAX
             self._run_due(self.core.clock())
+            attempts += 1
+            if attempts >= HANG_RETRIES and self.queue.next_expiry() is not None:
+                self.hangs += 1
+                now = self.core.clock()
+                delay = min(max(now - entry, 1), HANG_MAX_DELAY_NS)
+                self.programmed_at = now
+                yield from self.core.program_event(self.dev, now + delay, force=True)
+                return
 
     def interrupt(self) -> KernelOp[int]:
         """The device fired: run everything due, then program the next expiry.

@@ -256,6 +256,7 @@ class GuestKernel:
             out["min_delta_retries"] = self.dev.retries
         if self.timers is not None:
             out["hrtimer_retries"] = self.timers.retries
+            out["hrtimer_hangs"] = self.timers.hangs
             out["device_interrupts"] = self.timers.interrupts
         out["pv_eois"] = self.ops.pv_eois
         if self.calibration is not None:

@@ -240,6 +240,39 @@ def test_etime_from_the_device_runs_the_due_timer_and_retries():
     assert hr.core.etime == 1
 
 
+class SlowKtimeDev(KtimeDev):
+    """Each programming takes ``cost`` ns of the vCPU's time (an exit slower than the
+    timers' spacing), so the next timer is always due again when the answer comes."""
+
+    def __init__(self, clock: Clock, cost: int) -> None:
+        super().__init__(clock, refuse_past=True)
+        self.cost = cost
+
+    def set_next_ktime(self, expires: int):
+        self.clock.now += self.cost
+        return (yield from super().set_next_ktime(expires))
+
+
+def test_an_etime_storm_ends_after_three_attempts_like_hrtimer_interrupt():
+    """hrtimer_interrupt gives the -ETIME loop 3 attempts, then programs the device with
+    force for now + the time it spent (at most 100 ms): the CPU gets to take its other
+    interrupts.  A timer re-armed 10 ns ahead while each exit takes 50 ns used to keep the
+    vCPU in this loop for ever (found by vtick chaos: 227 back-to-back hypercalls)."""
+    clock = Clock()
+    core = ClockEvents(clock)
+    dev = SlowKtimeDev(clock, cost=50)
+    core.register(dev)
+    run(core.switch_state(dev, CEState.ONESHOT))
+    hr = HighResTimers(core, dev)
+    hr.queue.start("storm", 5, lambda now, expires: now + 10)
+    clock.now = 10
+    run(hr.reprogram())
+    assert hr.retries == 3
+    assert hr.hangs == 1
+    assert dev.programmed, "the forced programming went through"
+    assert dev.programmed[-1] > clock.now - 50  # in the future when it was programmed
+
+
 @settings(max_examples=300)
 @given(
     expiries=st.lists(st.integers(0, 5_000), min_size=1, max_size=12),
