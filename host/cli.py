@@ -435,9 +435,7 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument(
         "--plot", default=None, metavar="PNG", help="draw the curve here (default: none)"
     )
-    bd = bsub.add_parser(
-        "drops", help="abrupt pipe drops in a row against vtick's Pair0 endpoint"
-    )
+    bd = bsub.add_parser("drops", help="abrupt pipe drops in a row against vtick's Pair0 endpoint")
     bd.add_argument("--drops", type=positive_int, default=20_000, help="per run (default 20000)")
     bd.add_argument("--runs", type=positive_int, default=1, help="runs (default 1)")
     bd.add_argument(
