@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import secrets
@@ -17,7 +19,7 @@ import pynng
 from vtick.proto import messages as m
 from vtick.proto.codec import decode, encode
 
-__all__ = ["VTICK", "StandaloneHost", "raw_hello", "say_hello"]
+__all__ = ["VTICK", "StandaloneHost", "alive", "children_of", "cmdline", "raw_hello", "say_hello"]
 
 VTICK = [sys.executable, "-m", "vtick.host"]
 
@@ -120,3 +122,30 @@ def say_hello(raw: pynng.Pair0, token: bytes, pid: int, vcpu: int) -> m.Message:
     finally:
         raw.recv_timeout = 5000
     raise AssertionError("no answer to hello")
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError), open(stat) as fh:
+            fields = fh.read().rsplit(") ", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.split("/")[2]))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """Process ``pid``'s command line, arguments separated by spaces ("" if it is gone)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode()
+    return ""
+
+
+def alive(pid: int) -> bool:
+    """Is process ``pid`` running?  A zombie is dead for our purposes."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False

@@ -5,9 +5,7 @@ process and no file behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -16,7 +14,7 @@ import time
 
 import pytest
 import trio
-from hostproc import VTICK, StandaloneHost
+from hostproc import VTICK, StandaloneHost, alive, children_of, cmdline
 
 from vtick.guest.vcpu import GuestConfig, GuestFatal, GuestVcpu
 
@@ -30,30 +28,6 @@ def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
     monkeypatch.setenv("TMPDIR", str(path))
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     return path
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as fh:
-                if int(fh.read().rsplit(") ", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().replace(b"\0", b" ").decode()
-    return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -72,12 +46,12 @@ def test_interrupt_during_a_later_path_keeps_the_finished_ones(
         second = False
         while not second and time.monotonic() < deadline:
             time.sleep(0.1)
-            for pid in _children(launcher.pid):
+            for pid in children_of(launcher.pid):
                 family.add(pid)
-                second |= "--mode lapic-xapic" in _cmdline(pid)
+                second |= "--mode lapic-xapic" in cmdline(pid)
         assert second, "the second path never started"
         time.sleep(0.3)
-        family.update(_children(launcher.pid))
+        family.update(children_of(launcher.pid))
         launcher.send_signal(sig)
         stdout, stderr = launcher.communicate(timeout=30)
     finally:
@@ -92,7 +66,7 @@ def test_interrupt_during_a_later_path_keeps_the_finished_ones(
     assert "pv-ktime" in stdout
     assert f"INTERRUPTED ({sig.name}) after 1 of 2 paths" in " ".join(stdout.split())
     time.sleep(0.2)
-    assert [p for p in family if _alive(p)] == [], "orphaned processes"
+    assert [p for p in family if alive(p)] == [], "orphaned processes"
     assert list(private_tmp.iterdir()) == [], "temporary files left behind"
 
 

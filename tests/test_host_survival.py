@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import pynng
 import pytest
-from hostproc import StandaloneHost, raw_hello, say_hello
+from hostproc import StandaloneHost, children_of, cmdline, raw_hello, say_hello
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_machine_fuzz import machine_with_everything
@@ -366,17 +366,4 @@ async def test_a_host_that_stops_answering_is_named_and_cleaned_up(tmp_path, mon
 
 def _child_host(parent: int) -> int | None:
     """The pid of ``parent``'s ``vtick host`` child, if it has one yet."""
-    import glob
-
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        pid = int(stat.split("/")[2])
-        try:
-            with open(stat) as fh:
-                ppid = int(fh.read().rsplit(") ", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read()
-        except OSError:
-            continue
-        if ppid == parent and b"vtick.host\0host" in cmd:
-            return pid
-    return None
+    return next((p for p in children_of(parent) if "vtick.host host" in cmdline(p)), None)

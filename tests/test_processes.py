@@ -7,7 +7,6 @@ timeouts, and every test checks that it left no process and no socket file behin
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import pathlib
@@ -23,7 +22,7 @@ from typing import Any
 import pynng
 import pytest
 import trio
-from hostproc import VTICK, StandaloneHost, raw_hello, say_hello
+from hostproc import VTICK, StandaloneHost, alive, children_of, cmdline, raw_hello, say_hello
 
 from vtick.host.lab.launcher import RunOptions, launch
 from vtick.proto import messages as m
@@ -50,27 +49,6 @@ def _leftovers(path: pathlib.Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(") ", 1)[1][0] != "Z"
-    return False
-
-
-def _children_of(pid: int) -> list[int]:
-    out = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError), open(stat) as fh:
-            fields = fh.read().rsplit(") ", 1)[1].split()
-            if int(fields[1]) == pid:
-                out.append(int(stat.split("/")[2]))
-    return out
-
-
 def _launch_run(tmp_path: pathlib.Path, duration: str, **popen: Any) -> subprocess.Popen:
     """``vtick run`` of two pv-ktime vCPUs in the background, results to ``r.json``."""
     return subprocess.Popen(
@@ -86,14 +64,8 @@ def _await_family(launcher: subprocess.Popen, size: int = 3) -> set[int]:
     deadline = time.monotonic() + 20
     while len(family) < size and time.monotonic() < deadline:
         time.sleep(0.2)
-        family.update(_children_of(launcher.pid))
+        family.update(children_of(launcher.pid))
     return family
-
-
-def _cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
-        return fh.read().replace(b"\0", b" ").decode()
-    return ""
 
 
 def _free_ports(n: int) -> int:
@@ -265,13 +237,13 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp)
         deadline = time.monotonic() + 20
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.2)
-            for pid in _children_of(launcher.pid):
+            for pid in children_of(launcher.pid):
                 family.add(pid)
-                if "guest" in _cmdline(pid) and "--vcpu 1" in _cmdline(pid):
+                if "guest" in cmdline(pid) and "--vcpu 1" in cmdline(pid):
                     victim = pid
         assert victim is not None, "vCPU 1 never started"
         time.sleep(1.0)  # let it run a little
-        family.update(_children_of(launcher.pid))
+        family.update(children_of(launcher.pid))
         os.kill(victim, signal.SIGKILL)
         out, err = launcher.communicate(timeout=30)
     finally:
@@ -283,7 +255,7 @@ def test_vcpu_killed_mid_run_is_named_and_nothing_is_left(tmp_path, private_tmp)
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert run["error"] == f"vCPU 1 (pid {victim}) killed by signal SIGKILL"
     time.sleep(0.2)
-    assert [p for p in family if _alive(p)] == [], "orphaned processes"
+    assert [p for p in family if alive(p)] == [], "orphaned processes"
     assert _leftovers(private_tmp) == []
 
 
@@ -304,7 +276,7 @@ def test_sigterm_stops_everything(tmp_path, private_tmp) -> None:
     assert launcher.returncode == 143  # 128 + SIGTERM, what finished is kept (none here)
     assert "INTERRUPTED (SIGTERM) after 0 of 1 paths" in " ".join(out.split())
     time.sleep(0.2)
-    assert [p for p in family if _alive(p)] == []
+    assert [p for p in family if alive(p)] == []
     assert _leftovers(private_tmp) == []
 
 
@@ -494,9 +466,9 @@ def test_children_stop_when_the_launcher_is_killed(tmp_path, private_tmp) -> Non
     try:
         assert len(family) == 3
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in family):
+        while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.1)
-        assert [p for p in family if _alive(p)] == [], "orphans outlived the launcher"
+        assert [p for p in family if alive(p)] == [], "orphans outlived the launcher"
     finally:
         for pid in family:
             with contextlib.suppress(ProcessLookupError):

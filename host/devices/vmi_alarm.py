@@ -53,13 +53,9 @@ MIN_PERIOD_NS = 200_000
 
 
 def host_ns_for_tsc(model: TscModel, deadline: int) -> int:
-    """The earliest host ns ``t`` with ``model.tsc(t) >= deadline`` (exact, never early).
-
-    ``floor(x) >= D`` iff ``x >= D`` for an integer D, so
-    ``(t - epoch) * khz // 10**6 >= D``  iff  ``(t - epoch) * khz >= D * 10**6``
-    iff ``t - epoch >= ceil(D * 10**6 / khz)``.
-    """
-    return model.tsc_epoch + -((-deadline * 1_000_000) // model.tsc_khz)
+    """The earliest host ns ``t`` with ``model.tsc(t) >= deadline`` (exact, never early):
+    ``TscModel.host_ns_for_tsc``, the one place this conversion is written."""
+    return model.host_ns_for_tsc(deadline)
 
 
 @dataclass
