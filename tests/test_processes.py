@@ -98,8 +98,10 @@ def _check_run(results: dict, vcpus: int) -> None:
         assert g["events"] > 0
         assert g["early"] == 0 or g["early"] < g["events"]
         # every programmed timer took exactly one PV hypercall; the host saw the same exits
-        assert g["exits"]["hypercall"] == v["host_exits"]["hypercall"]["count"]
-        assert g["exits"]["hlt"] == v["host_exits"]["hlt"]["count"]
+        # (a kind a vCPU never took is absent on both sides: a busy vCPU may never halt)
+        for kind in ("hypercall", "hlt"):
+            host_count = v["host_exits"].get(kind, {}).get("count", 0)
+            assert g["exits"].get(kind, 0) == host_count, kind
         assert v["link_errors"] == []
         assert v["sessions"] == 1
     assert results["cleanup"]["ipc_leftovers"] == []
