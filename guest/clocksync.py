@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vtick.proto import messages as m
+from vtick.proto.clockmath import ClockSample, Offset, estimate_offset
 from vtick.proto.pvclock import TscModel
 
 __all__ = [
@@ -39,39 +40,6 @@ CLOCK_PING_S = 0.125
 #: ... and one that shares the host's clock (the handshake found offset 0) only this
 #: often: enough for the host to see the clocks stay one, at no cost to a big VM
 CLOCK_PING_ONE_CLOCK_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class ClockSample:
-    sent: int  # local clock when the ping left
-    host: int  # host clock when it answered
-    received: int  # local clock when the pong arrived
-
-    @property
-    def rtt(self) -> int:
-        return self.received - self.sent
-
-
-@dataclass(frozen=True, slots=True)
-class Offset:
-    ns: int  # host clock - local clock
-    rtt: int  # round trip of the sample it came from
-    same_domain: bool  # indistinguishable from 0: one machine
-
-
-def estimate_offset(samples: list[ClockSample]) -> Offset:
-    """The offset (host - local) from the minimum-round-trip sample.
-
-    Raises:
-        ValueError: no samples.
-    """
-    if not samples:
-        raise ValueError("no clock samples")
-    best = min(samples, key=lambda s: s.rtt)
-    offset = best.host - (best.sent + best.received) // 2
-    if abs(offset) <= best.rtt:
-        return Offset(0, best.rtt, True)
-    return Offset(offset, best.rtt, False)
 
 
 # ---------------------------------------------------------------------- tracking (issue 12)

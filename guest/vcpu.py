@@ -88,6 +88,8 @@ PING_TIMEOUT_S = 1.0
 #: a spinning vCPU re-checks its interrupts and the clock at least this often
 SPIN_SLICE_S = 0.005
 TICK_S = 0.02
+#: issue 13: at most this many timers in flight across a move are kept
+MIGRATION_TIMERS_KEPT = 4096
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
 LATENESS_HIGHEST_NS = 60_000_000_000
 
@@ -257,6 +259,19 @@ class GuestVcpu:
         self.turned_away = 0
         self._first_turned_away = 0
         self.workload_started = 0
+        # ---- live migration (issue 13): the destination this vCPU was told to move to,
+        # the guest ktime the source froze the VM at, and when the vCPU resumed there
+        self.migrating_to: str | None = None
+        self.migrations = 0
+        self.migration_frozen = 0
+        self.migration_told = 0
+        self.migration_resumed = 0
+        #: lateness of the timers in flight across the move (programmed before the
+        #: resume, run after it), bounded
+        self.migration_lateness: list[int] = []
+        self._migration_programmings: set[int] = set()
+        #: destination clock - source clock, summed over moves (see _migrated)
+        self.clock_domain_shift = 0
 
     # ------------------------------------------------------------------ clock
 
@@ -346,6 +361,8 @@ class GuestVcpu:
             if msg.tsc_sync is not None and self.cfg.clock_tracking:
                 # the host's new line for this machine's clock (issue 12): the TSC slews
                 sync = TscSync.from_wire(msg.tsc_sync)
+                if self.clock_domain_shift:
+                    sync = dataclasses.replace(sync, offset=sync.offset - self.clock_domain_shift)
                 if self.discipline is None:
                     self._early_sync = sync  # still at the handshake: applied after it
                 else:
@@ -372,6 +389,8 @@ class GuestVcpu:
             raise GuestFatal(3, f"{self.name}: host refused: {msg.reason}")
         elif isinstance(msg, m.Error):
             raise GuestFatal(4, f"{self.name}: host reported a protocol error: {msg.reason}")
+        elif isinstance(msg, m.Migrate):
+            self._migrate(msg)
         elif isinstance(msg, m.Pong):
             self._pong_msg = msg
             self._pong_sample = self.pinger.on_pong(msg, monotonic_ns())
@@ -386,10 +405,59 @@ class GuestVcpu:
         it now (a halted vCPU is woken by the host, which answers its HLT)."""
         self._memory_event.set()
 
+    def _migrate(self, msg: m.Migrate) -> None:
+        """Issue 13: the VM moved; resume this session on the destination host.
+
+        The source repeats the message until our pipe goes, so only the first one acts.
+        Our socket dials the destination instead of the source (the pipe to the source
+        closes, which tells it we left); ``pipe_loop`` says the resume hello on the new
+        pipe, as after any replaced pipe, and the link layer retransmits whatever each
+        side lacks once the destination welcomes the session back.
+        """
+        if self.migrating_to == msg.to or self.ep is None or self.welcome is None:
+            return
+        self.migrating_to = msg.to
+        self.migration_frozen = msg.frozen
+        self.migration_told = self.ktime() if self.page is not None else 0
+        try:
+            self.ep.redial(link_url(msg.to, self.cfg.vcpu))
+        except (OSError, ValueError) as exc:
+            raise GuestFatal(2, f"{self.name}: cannot move to {msg.to}: {exc}") from None
+
+    def _migrated(self, msg: m.Welcome) -> None:
+        """The destination welcomed the session back: adopt its clock before running.
+
+        As KVM after a migration, the destination publishes new kvmclock parameters
+        (new version) before the vCPU runs; the guest TSC is continuous because the
+        destination's TSC epoch is the source's moved into its own clock domain.  Our
+        discipline maps this machine's clock onto the *host's* clock, so when the
+        epoch moved by d (another machine: its CLOCK_MONOTONIC differs by d) the lines
+        the destination sends are moved back by d, and the TSC reads on without a step.
+        """
+        assert self.welcome is not None
+        # The vCPU keeps the source's clock domain: the TSC stays the same function of
+        # this machine's clock, so it cannot step.  The destination's later clock lines
+        # (pvclock.tsc_sync) are in its own domain, d ns from the source's: they are
+        # moved back by d before the discipline follows them.
+        self.clock_domain_shift += msg.tsc_epoch - self.welcome.tsc_epoch
+        self.welcome = dataclasses.replace(self.welcome, tsc_epoch=msg.tsc_epoch)
+        if self.page is not None:
+            self.page.publish(PvclockInfo.from_wire(msg.pvclock))
+            if self.history is not None:
+                self.history.clock_info(self.page.info)
+            self.migration_resumed = self.ktime()
+            self._migration_programmings.clear()
+        if isinstance(self.tsc, DisciplinedTsc):
+            self.tsc.published(msg.pvclock["tsc_timestamp"])
+        self.migrations += 1
+        self.migrating_to = None
+
     def _on_welcome(self, msg: m.Welcome) -> None:
         if msg.resumed:
             if self.welcome is None or msg.session != self.welcome.session:
                 raise GuestFatal(4, f"{self.name}: host resumed an unknown session")
+            if self.migrating_to is not None:
+                self._migrated(msg)
             # Our unacked frames were lost with the old pipe: send them again.
             self.link.resume(self.link.peer_acked, monotonic_ns())
             return
@@ -711,12 +779,31 @@ class GuestVcpu:
 
     def _on_expiry(self, expiry: Expiry) -> None:
         self.stats.record_lateness(expiry.lateness, expiry.ran_at)
+        if self.migration_resumed and expiry.ran_at >= self.migration_resumed:
+            self._migration_expiry(expiry)
         if self.recorder is not None:
             self.recorder.event(expiry.expires, expiry.programmed_at, self._irq_at, expiry.ran_at)
         if self.history is not None:
             self.history.fire(
                 expiry.arm, expiry.expires, expiry.ran_at, expiry.programmed_at, self._irq_seq
             )
+
+    def _migration_expiry(self, expiry: Expiry) -> None:
+        """Issue 13: is this callback one the move delayed?  Yes if it was due while the
+        VM was stopped, or if it is the first callback of a device programming made
+        before the resume (a LAPIC count that paused through the blackout fires late
+        even when its expiry lies after the resume; a periodic tick programmed at boot
+        counts once, not for every tick since)."""
+        due_while_stopped = self.migration_frozen <= expiry.expires <= self.migration_resumed
+        first_of_old_programming = (
+            expiry.programmed_at < self.migration_resumed
+            and expiry.programmed_at not in self._migration_programmings
+        )
+        self._migration_programmings.add(expiry.programmed_at)
+        if (due_while_stopped or first_of_old_programming) and len(
+            self.migration_lateness
+        ) < MIGRATION_TIMERS_KEPT:
+            self.migration_lateness.append(expiry.lateness)
 
     def _next_interrupt(self) -> tuple[int, bool]:
         """The pending interrupt the CPU takes first: the highest vector (its priority
@@ -835,6 +922,24 @@ class GuestVcpu:
             unreported = kernel.ops.pv_eois - self._pv_eois_reported
             self.history.end(clock.read(), kernel.eois, unreported)
 
+    def _migration_counters(self) -> dict[str, int]:
+        """Issue 13: the move as this vCPU saw it (guest ktime ns), for ``blackout_*``."""
+        late = sorted(self.migration_lateness)
+
+        def pct(q: float) -> int:
+            return late[min(len(late) - 1, int(q * len(late)))] if late else 0
+
+        return {
+            "migrations": self.migrations,
+            "migration_frozen_ns": self.migration_frozen,
+            "migration_told_ns": self.migration_told,
+            "migration_resumed_ns": self.migration_resumed,
+            "migration_timers": len(late),
+            "migration_late_p50_ns": pct(0.5),
+            "migration_late_p99_ns": pct(0.99),
+            "migration_late_max_ns": late[-1] if late else 0,
+        }
+
     async def finish(self) -> None:
         stats = self.stats
         kernel = self.kernel
@@ -851,6 +956,8 @@ class GuestVcpu:
         if kernel is not None:
             counters["smp_cut_off_calls"] = kernel.smp.stats.cut_off
         counters["workload_started_ns"] = self.workload_started
+        if self.migrations:
+            counters |= self._migration_counters()
         for name, worst in (("stall", stats.stalls), ("host_wait", stats.host_waits)):
             for i, (ns, at) in enumerate(worst.largest()):
                 counters[f"{name} {i} ns"] = ns

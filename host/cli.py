@@ -318,7 +318,10 @@ def _parser() -> argparse.ArgumentParser:
         help="base URL: ipc:///DIR/NAME or tcp://HOST:PORT (ports PORT..PORT+N-1) (required)",
     )
     host.add_argument(
-        "--vcpus", type=_vcpu_count, required=True, help="vCPUs to serve, 1..1024 (required)"
+        "--vcpus",
+        type=_vcpu_count,
+        default=None,
+        help="vCPUs to serve, 1..1024 (required, except with --incoming: the VM says)",
     )
     host.add_argument(
         "--duration",
@@ -362,6 +365,37 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file",
         default=None,
         help=f"file holding the run token in hex (default: ${TOKEN_ENV})",
+    )
+    mig = host.add_argument_group("live migration (issue 13)")
+    mig.add_argument(
+        "--migrate-at",
+        type=duration,
+        default=None,
+        metavar="SECONDS",
+        help="this many seconds into the run, move the VM to --migrate-to (default: never)",
+    )
+    mig.add_argument(
+        "--migrate-to",
+        type=url,
+        default=None,
+        metavar="URL",
+        help="the destination host's --incoming address",
+    )
+    mig.add_argument(
+        "--incoming",
+        type=url,
+        default=None,
+        metavar="URL",
+        help="be a migration's destination: wait on URL for a VM instead of starting one "
+        "(its vCPUs then dial --listen)",
+    )
+    mig.add_argument(
+        "--migrate-timeout",
+        type=duration,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long the transfer may take before the source gives up and runs the VM "
+        "on (default: 5)",
     )
     _workload_args(host)
     _mutate_arg(host)
@@ -695,6 +729,14 @@ def _chaos_parsers(sub: typing.Any, run: argparse.ArgumentParser) -> None:
     from vtick.host.chaos.nemesis import FAULT_KINDS
 
     run.add_argument(
+        "--migrate-at",
+        type=duration,
+        default=None,
+        metavar="SECONDS",
+        help="live-migrate each path's VM to a second host process this many seconds "
+        "into the run; the results get blackout_* figures (default: never)",
+    )
+    run.add_argument(
         "--explain",
         action="store_true",
         help="record every event and explain each path's worst late timers: lateness "
@@ -833,8 +875,14 @@ def _cmd_host(args: argparse.Namespace) -> int:
     from vtick.host.server import HostConfig, serve
 
     try:  # mistakes caught before the host listens (host/lab/preflight.py)
+        if args.vcpus is None and args.incoming is None:
+            raise UsageError("--vcpus is required (except with --incoming)")
+        if (args.migrate_at is None) != (args.migrate_to is None):
+            raise UsageError("--migrate-at and --migrate-to go together")
+        if args.incoming is not None and args.migrate_at is not None:
+            raise UsageError("--incoming waits for a VM; --migrate-at moves one: pick one")
         check_params(dict(args.param), [args.workload])
-        check_listen(args.listen, args.vcpus)
+        check_listen(args.listen, args.vcpus or 1)
         if args.results:
             check_output_file(args.results, "--results")
     except UsageError as exc:
@@ -842,7 +890,7 @@ def _cmd_host(args: argparse.Namespace) -> int:
         return 2
     cfg = HostConfig(
         listen=args.listen,
-        vcpus=args.vcpus,
+        vcpus=args.vcpus or 1,
         token=read_token(args.token_file),
         duration_s=args.duration,
         workload=args.workload,
@@ -860,6 +908,10 @@ def _cmd_host(args: argparse.Namespace) -> int:
         trace=args.trace,
         mutations=tuple(args.mutate),
         allow_insecure_tcp=args.allow_insecure_tcp,
+        migrate_at_s=args.migrate_at,
+        migrate_to=args.migrate_to,
+        incoming=args.incoming,
+        migrate_timeout_s=args.migrate_timeout,
     )
     try:
         results = trio.run(serve, cfg)

@@ -183,6 +183,120 @@ class VcpuState:
             self.machine._actions.append(CompleteHlt(self.vcpu, self.halted_exit))
             self.halted_exit = None
 
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def save(self, now: int) -> dict[str, Any]:
+        """This vCPU's host-side state at host time ``now`` (CDDL ``vcpu-state`` minus
+        the device and link parts, which ``vtick.host.migration`` adds).
+
+        What changes behaviour travels: the negotiated features (devices gate on them),
+        the deferred exit-hlt, PV EOI (MSR, enabled, the vector whose flag is set), the
+        LAPIC, the actions queued for this vCPU that the server has not sent yet, and
+        the chaos history ids.  Counters (``unclaimed``, ``injected``, ``pv_eois``,
+        ``bugs``) are statistics and stay behind.  No host time leaves: an injection's
+        raise time travels as guest ktime (the TscModel's, ``host - ktime_epoch``) and
+        its timer-advance hold as the guest TSC it waits for.
+        """
+        machine = self.machine
+        tsc = machine.tsc
+        pending: list[dict[str, Any]] = []
+        for action in machine._actions:
+            if action.vcpu != self.vcpu:
+                continue
+            if isinstance(action, CompleteHlt):
+                pending.append({"hlt_done": action.re})
+                continue
+            entry: dict[str, Any] = {
+                "vector": action.vector,
+                "raised_ns": action.now - tsc.ktime_epoch,
+            }
+            if action.not_before is not None:
+                # not_before is tsc_to_host_ns(deadline): the first ns of its TSC tick,
+                # so host_ns_for_tsc(tsc(not_before)) gives it back exactly
+                entry["not_before_tsc"] = tsc.tsc(action.not_before)
+            if action.pv_eoi:
+                entry["pv_eoi"] = True
+            if action.origin:
+                entry["origin"] = action.origin
+            if action.ipis:
+                entry["ipis"] = [list(ipi) for ipi in action.ipis]
+            pending.append(entry)
+        pv_eoi: dict[str, Any] = {"msr": self.pv_eoi_msr, "enabled": self.pv_eoi_enabled}
+        if self.pv_eoi_vector is not None:
+            pv_eoi["vector"] = self.pv_eoi_vector
+        timers = [
+            {"timer": name, "origin": origin}
+            for (name, vcpu), (origin, _) in machine._timer_origin.items()
+            if vcpu == self.vcpu and machine.hrtimers.expiry((name, vcpu)) is not None
+        ]
+        state: dict[str, Any] = {
+            "vcpu": self.vcpu,
+            "features": self.features,
+            "pv_eoi": pv_eoi,
+            "lapic": self.lapic.save(now),
+            "pending": pending,
+            "history": {
+                "generation": self.generation,
+                "irq_origin": [{"vector": v, "origin": o} for v, o in self.irq_origin.items()],
+                "ipi_pending": [
+                    {"vector": v, "ipis": [list(ipi) for ipi in ipis]}
+                    for v, ipis in self.ipi_pending.items()
+                ],
+                "timers": timers,
+            },
+        }
+        if self.halted_exit is not None:
+            state["halted"] = self.halted_exit
+        return state
+
+    def restore(self, state: dict[str, Any], now: int) -> None:
+        """Load a :meth:`save` result into this (fresh) vCPU at host time ``now``.
+
+        Queued actions are put back first, in their order, so they go out before
+        anything the restore itself raises; then the LAPIC restarts its timer (which
+        may fire at once: a TSC deadline passed during the blackout).  ``pvclock`` is
+        not part of this map: ``vtick.host.migration`` restores it before calling here.
+
+        Raises:
+            ValueError: the state belongs to another vCPU or does not fit its LAPIC.
+        """
+        if state["vcpu"] != self.vcpu:
+            raise ValueError(f"state of vCPU {state['vcpu']} restored into vCPU {self.vcpu}")
+        machine = self.machine
+        tsc = machine.tsc
+        self.features = state["features"]
+        self.halted_exit = state.get("halted")
+        pv_eoi = state["pv_eoi"]
+        self.pv_eoi_msr = pv_eoi["msr"]
+        self.pv_eoi_enabled = pv_eoi["enabled"]
+        self.pv_eoi_vector = pv_eoi.get("vector")
+        history = state["history"]
+        self.generation = history["generation"]
+        self.irq_origin = {e["vector"]: e["origin"] for e in history["irq_origin"]}
+        self.ipi_pending = {
+            e["vector"]: [(s, g, q) for s, g, q in e["ipis"]] for e in history["ipi_pending"]
+        }
+        for entry in history["timers"]:
+            # re-armed timers keep the exit that armed them (Machine.arm_timer reads it)
+            machine._timer_origin[(entry["timer"], self.vcpu)] = (entry["origin"], 0)
+        for entry in state["pending"]:
+            if "hlt_done" in entry:
+                machine._actions.append(CompleteHlt(self.vcpu, entry["hlt_done"]))
+                continue
+            nb = entry.get("not_before_tsc")
+            machine._actions.append(
+                InjectIrq(
+                    self.vcpu,
+                    entry["vector"],
+                    tsc.ktime_epoch + entry["raised_ns"],
+                    None if nb is None else tsc.host_ns_for_tsc(nb),
+                    entry.get("pv_eoi", False),
+                    origin=entry.get("origin", 0),
+                    ipis=tuple((s, g, q) for s, g, q in entry.get("ipis", ())),
+                )
+            )
+        self.lapic.restore(state["lapic"], now)
+
 
 class _ApicPort:
     """The LAPIC's window on the host for one vCPU (``vtick.host.lapic.port.LapicPort``)."""
@@ -246,6 +360,10 @@ class Machine:
             )
         self.lapics = [state.lapic for state in self.vcpus]
         self._actions: list[Action] = []
+        #: the device models plugged into this VM, by name ("kvmclock", "pvtimer",
+        #: "vmi-alarm", "pit", "pvapic"): each registers itself when it is built, so a
+        #: migration (vtick.host.migration) finds them from the Machine alone
+        self.devices: dict[str, Any] = {}
         self._timer_callbacks: dict[tuple[str, int], TimerCallback] = {}
         #: chaos history sink: record(kind, t, a, b, c, d, e, f) (vtick.proto.eventlog);
         #: None = not recording

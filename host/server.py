@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -79,7 +80,7 @@ from vtick.proto.transport import (
     remove_ipc_file,
 )
 
-__all__ = ["Host", "HostConfig", "serve", "check_exposure"]
+__all__ = ["Host", "HostConfig", "serve", "run_host", "check_exposure"]
 
 SUPPORTED_FEATURES = (
     Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI | Feature.PV_EOI | Feature.PV_SEND_IPI
@@ -130,6 +131,15 @@ class HostConfig:
     chaos: dict[str, Any] | None = None
     #: listen on a non-loopback tcp:// (clear text) address all the same (issue 12)
     allow_insecure_tcp: bool = False
+    # ---- live migration (issue 13, host/migration/)
+    #: source: this many seconds into the run, move the VM to ``migrate_to``
+    migrate_at_s: float | None = None
+    #: source: the destination host's --incoming address
+    migrate_to: str | None = None
+    #: destination: wait for a VM on this address instead of starting one
+    incoming: str | None = None
+    #: seconds the whole transfer may take before the source gives up and runs on
+    migrate_timeout_s: float = 5.0
 
 
 class LinkState(Enum):
@@ -171,6 +181,14 @@ class VcpuLink:
         self.removed_pipes: set[int] = set()
         #: this link's clock offset, tracked during the run (issue 12)
         self.clock = ClockTracker()
+        #: issue 13: when this vCPU's last exit was handled (a source's blackout starts
+        #: there) and, on a destination, when it resumed and took its first exit
+        self.last_exit_at = 0
+        self.resumed_at = 0
+        self.first_exit_at = 0
+        #: frames that arrived while the VM was frozen for a migration (not taken: the
+        #: vCPU retransmits them to wherever the VM runs next)
+        self.frozen_frames = 0
 
     @property
     def name(self) -> str:
@@ -179,7 +197,9 @@ class VcpuLink:
     # ------------------------------------------------------------------ output
 
     def flush(self) -> None:
-        if self.link is not None:
+        # a session restored by a migration has no pipe until its vCPU resumes: what it
+        # sends waits in the link, which retransmits it after the resume handshake
+        if self.link is not None and self.session_pipe is not None:
             self.ep.send(self.link.data_to_send())
 
     def send(self, msg: m.Message, now: int | None = None) -> None:
@@ -257,12 +277,15 @@ class VcpuLink:
                 data, pipe = await self.ep.recv()
             except pynng.Closed:
                 return
+            self.host.handling += 1
             try:
                 await self._on_frame(data, pipe)
             except Exception as exc:
                 # The guard: whatever one frame triggers (a model bug, a reply that cannot
                 # be encoded, a link-layer surprise) ends this link, never the host.
                 await self._contain(exc, pipe)
+            finally:
+                self.host.handling -= 1
 
     async def _contain(self, exc: Exception, pipe: pynng.Pipe) -> None:
         """A frame's handling raised: record it, tell the peer, end this session."""
@@ -278,6 +301,12 @@ class VcpuLink:
     async def _on_frame(self, data: bytes, pipe: pynng.Pipe) -> None:
         """Handle one frame from this link (run() guards it)."""
         now = monotonic_ns()
+        if self.host.frozen:
+            # issue 13: the VM is stopped for a migration; its state is being copied,
+            # so nothing may change it.  The frame is not taken (not even its ack): the
+            # vCPU's link retransmits it to the host that runs the VM next.
+            self.frozen_frames += 1
+            return
         if pipe.id in self.removed_pipes:
             # read ahead by nng before its pipe went away: a dead process's last frames,
             # never a session's (a resume names a live pipe)
@@ -385,6 +414,12 @@ class VcpuLink:
                 await self._raw_reply(pipe, m.Error(code=exc.code, reason=str(exc)[:500]))
                 return
             # Same process, new pipe: continue the session, retransmit what it lacks.
+            if self.session_pipe is None:
+                # issue 13: the first pipe of a session this host restored from a
+                # migration.  Whatever was queued while the vCPU was on its way is
+                # unacknowledged, so resume() below sends it again after the welcome.
+                link.data_to_send()
+                self.resumed_at = now
             self.session_pipe = pipe.id
             link.send(self._welcome(resumed=True), now)
             link.resume(frame.ack, now)
@@ -471,6 +506,9 @@ class VcpuLink:
         assert self.link is not None
         if isinstance(msg, m.ExitMessage):
             seq = self.link.recv_next - 1
+            self.last_exit_at = now
+            if not self.first_exit_at:
+                self.first_exit_at = now
             if self.host.mutations.sometimes("ack-before-exec"):
                 return  # mutation: accepted (so acknowledged), never executed nor answered
             unseen = self.link.peer_acked < self.link.send_next - 1
@@ -539,10 +577,13 @@ class VcpuLink:
 
 
 class Host:
-    def __init__(self, cfg: HostConfig) -> None:
+    def __init__(self, cfg: HostConfig, tsc: TscModel | None = None) -> None:
+        """``tsc``: the guest TSC model of a VM this host takes over (issue 13: a
+        migration's destination keeps the guest's TSC and ktime continuous); None for
+        a new VM whose TSC starts at 0 now."""
         self.cfg = cfg
         now = monotonic_ns()
-        self.tsc = TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
+        self.tsc = tsc or TscModel(tsc_khz=cfg.tsc_khz, tsc_epoch=now, ktime_epoch=now)
         self.mutations = Mutations(cfg.mutations, cfg.seed)
         self.machine = Machine(
             cfg.vcpus,
@@ -582,6 +623,36 @@ class Host:
         self.online_stores: dict[tuple[int, int], m.Csd] = {}
         self.all_connected = trio.Event()
         self.started_at: int | None = None
+        # ---- live migration (issue 13, host/migration/)
+        #: the VM is stopped while its state is copied: no frame is taken, no timer runs
+        self.frozen = False
+        self._thawed = trio.Event()
+        #: frames being handled right now (a freeze waits for them to finish)
+        self.handling = 0
+        #: what the migration did, for the results (source or destination side)
+        self.migration: dict[str, Any] | None = None
+        #: True on a source once the destination runs the VM: this host's part is over
+        self.migrated_out = False
+        #: the figures a migration adds to the results once the reports are in
+        self.migration_summary: Callable[[], dict[str, Any]] | None = None
+
+    def freeze(self) -> None:
+        """Stop the VM at a frame boundary (issue 13).  Exits, stores and acks wait in
+        the vCPUs' links; the timer loop parks, so no device state changes."""
+        self.frozen = True
+        self._thawed = trio.Event()
+        self.kick()  # the timer loop notices and parks
+
+    def thaw(self) -> None:
+        """The migration failed: run the VM here again.  What the vCPUs sent meanwhile
+        was not taken; asking each link for a resend brings it now rather than after
+        the retransmission timeout."""
+        self.frozen = False
+        self._thawed.set()
+        self.kick()
+        for vl in self.links:
+            if vl.link is not None and vl.state is not LinkState.WAIT_HELLO:
+                vl.send(m.Ack(resend=True))
 
     def close(self) -> None:
         """Release the host's own file descriptors (the timer loop's timerfd)."""
@@ -758,6 +829,9 @@ class Host:
                 self._alarm.disarm()
             await self._alarm.wait()
             self._sleeping_until = -1  # awake: nothing needs kicking
+            if self.frozen:
+                await self._thawed.wait()  # issue 13: nothing runs while it is copied
+                continue
             now = monotonic_ns()
             self.machine.on_timer(now)
             self.run_actions()
@@ -860,6 +934,8 @@ class Host:
                 "link": vl.link.stats.as_dict() if vl.link is not None else None,
                 "clock": vl.clock.as_dict(),  # issue 12: offset, drift, error bound
             }
+            if self.migration is not None:
+                entry["frozen_frames"] = vl.frozen_frames
             if vl.report is not None:
                 r = vl.report
                 entry["guest"] = {
@@ -883,40 +959,47 @@ class Host:
                 }
             else:
                 entry["guest"] = None
-                if not vl.errors:
+                if not vl.errors and not self.migrated_out:
+                    # (a source's vCPUs report to the destination, issue 13)
                     vl.errors.append("vCPU sent no report")
             # again: reading the report may have recorded a problem with it
             entry["link_errors"] = list(vl.errors)
             vcpus.append(entry)
-        return {
-            "vtick": 1,
-            "config": {
-                "vcpus": self.cfg.vcpus,
-                "listen": self.cfg.listen,
-                "duration_s": self.cfg.duration_s,
-                "workload": self.cfg.workload,
-                "seed": self.cfg.seed,
-                "params": self.cfg.params,
-                "tsc_khz": self.cfg.tsc_khz,
-                "timer_advance": self.cfg.timer_advance,
-                "exit_cost": self.cfg.exit_cost,
-                "mode": self.cfg.mode,
-                "apic": self.cfg.apic,
-                "hz": self.cfg.hz,
-                "ipi": self.cfg.ipi,
-                "mutations": list(self.cfg.mutations),
-            },
-            "mutations_applied": self.mutations.as_dict() if self.mutations else None,
-            "wall_ns": ended_ns - (self.started_at or ended_ns),
-            # "timerfd": host timers fire with ns resolution; "trio": on a 1 ms grid
-            "timer_backend": TIMER_BACKEND,
-            "vcpus": vcpus,
-            "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
-            "ok": all(
-                not e["link_errors"] and e["guest"] is not None and not e["host_bugs"]
-                for e in vcpus
-            ),
-        }
+        return (
+            {
+                "vtick": 1,
+                "config": {
+                    "vcpus": self.cfg.vcpus,
+                    "listen": self.cfg.listen,
+                    "duration_s": self.cfg.duration_s,
+                    "workload": self.cfg.workload,
+                    "seed": self.cfg.seed,
+                    "params": self.cfg.params,
+                    "tsc_khz": self.cfg.tsc_khz,
+                    "timer_advance": self.cfg.timer_advance,
+                    "exit_cost": self.cfg.exit_cost,
+                    "mode": self.cfg.mode,
+                    "apic": self.cfg.apic,
+                    "hz": self.cfg.hz,
+                    "ipi": self.cfg.ipi,
+                    "mutations": list(self.cfg.mutations),
+                },
+                "mutations_applied": self.mutations.as_dict() if self.mutations else None,
+                "wall_ns": ended_ns - (self.started_at or ended_ns),
+                # "timerfd": host timers fire with ns resolution; "trio": on a 1 ms grid
+                "timer_backend": TIMER_BACKEND,
+                "vcpus": vcpus,
+                "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
+                "ok": all(
+                    not e["link_errors"]
+                    and (e["guest"] is not None or self.migrated_out)
+                    and not e["host_bugs"]
+                    for e in vcpus
+                ),
+            }
+            | (self.migration or {})
+            | (self.migration_summary() if self.migration_summary else {})
+        )
 
 
 def _in_service(isr: int, irr: int) -> dict[str, list[int]]:
@@ -1006,14 +1089,57 @@ async def serve(
     cfg: HostConfig, *, task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED
 ) -> dict[str, Any]:
     """Run the host until the run is over; return (and optionally write) the results."""
+    if cfg.incoming is not None:
+        # issue 13: a migration's destination; it builds its Host from the VM it receives
+        from vtick.host.migration.destination import serve_incoming
+
+        return await serve_incoming(cfg, task_status=task_status)
     check_exposure(cfg.listen, cfg.allow_insecure_tcp)  # before anything listens
-    host = Host(cfg)
+    return await run_host(Host(cfg), _run_new_vm, task_status=task_status)
+
+
+async def _run_new_vm(host: Host) -> None:
+    """A new VM: wait for every vCPU, run for the duration (moving the VM to another
+    host on the way if asked, issue 13)."""
+    cfg = host.cfg
+    with trio.move_on_after(cfg.connect_timeout_s):
+        await host.all_connected.wait()
+    if not host.all_connected.is_set():
+        for vl in host.links:
+            if vl.state is LinkState.WAIT_HELLO:
+                vl.record_error(f"never connected within {cfg.connect_timeout_s} s")
+        return
+    start = trio.current_time()
+    at = cfg.migrate_at_s
+    if cfg.migrate_to is not None and at is not None and at < cfg.duration_s:
+        from vtick.host.migration.source import migrate_out
+
+        await trio.sleep_until(start + at)
+        end_ns = monotonic_ns() + int((start + cfg.duration_s - trio.current_time()) * 1e9)
+        if await migrate_out(host, cfg.migrate_to, end_ns):
+            return  # the destination runs the VM from here on
+    await trio.sleep_until(start + cfg.duration_s)
+
+
+async def run_host(
+    host: Host,
+    body: Callable[[Host], Awaitable[None]],
+    prepare: Callable[[Host], None] | None = None,
+    *,
+    task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED,
+) -> dict[str, Any]:
+    """Serve ``host``'s links while ``body`` runs the VM, then stop the vCPUs (unless
+    the VM moved away), write and return the results.  ``prepare`` runs once the links
+    exist, before anything is served (a migration's destination restores them)."""
+    cfg = host.cfg
     urls = [link_url(cfg.listen, i) for i in range(cfg.vcpus)]
     endpoints: list[PairEndpoint] = []
     try:
         for url in urls:
             endpoints.append(PairEndpoint.listen(url, cfg.max_message))
         host.links = [VcpuLink(host, i, ep) for i, ep in enumerate(endpoints)]
+        if prepare is not None:
+            prepare(host)
         async with trio.open_nursery() as nursery:
             for vl in host.links:
                 nursery.start_soon(vl.run)
@@ -1042,15 +1168,11 @@ async def serve(
             if cfg.announce:
                 print(f"READY {cfg.listen}", flush=True)
             task_status.started(host)
-            with trio.move_on_after(cfg.connect_timeout_s):
-                await host.all_connected.wait()
-            if not host.all_connected.is_set():
-                for vl in host.links:
-                    if vl.state is LinkState.WAIT_HELLO:
-                        vl.record_error(f"never connected within {cfg.connect_timeout_s} s")
+            await body(host)
+            if host.migrated_out:
+                host.stopping = True  # a late hello is refused: the VM runs elsewhere
             else:
-                await trio.sleep(cfg.duration_s)
-            await host.stop_all()
+                await host.stop_all()
             nursery.cancel_scope.cancel()
     finally:
         for ep in endpoints:

@@ -8,7 +8,12 @@ the C code could overflow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
+    "ClockSample",
+    "Offset",
+    "estimate_offset",
     "NSEC_PER_SEC",
     "U32_MASK",
     "U64_MASK",
@@ -118,3 +123,47 @@ def pvclock_scale_delta(delta: int, mul: int, shift: int) -> int:
 def tdcr_divisor(tdcr: int) -> int:
     """LAPIC divide configuration register -> divisor (bits 0, 1 and 3; bit 2 ignored)."""
     return 1 << ((((tdcr & 3) | ((tdcr & 8) >> 1)) + 1) & 7)
+
+
+# ---------------------------------------------------------------------- clock offsets
+#
+# Two processes on different machines read unrelated CLOCK_MONOTONICs.  A few ping
+# exchanges estimate the offset: the sample with the smallest round trip is kept (NTP's
+# rule: its midpoint is off by at most half that round trip), and an estimate smaller
+# than the round trip cannot be told from zero, so it is taken as exactly 0: one machine
+# keeps its exact clock.  The vCPU uses it against its host at the handshake
+# (guest/clocksync.py), a source host against the destination of a migration
+# (host/migration/).
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSample:
+    sent: int  # local clock when the ping left
+    host: int  # the other side's clock when it answered
+    received: int  # local clock when the pong arrived
+
+    @property
+    def rtt(self) -> int:
+        return self.received - self.sent
+
+
+@dataclass(frozen=True, slots=True)
+class Offset:
+    ns: int  # other clock - local clock
+    rtt: int  # round trip of the sample it came from
+    same_domain: bool  # indistinguishable from 0: one machine
+
+
+def estimate_offset(samples: list[ClockSample]) -> Offset:
+    """The offset (other - local) from the minimum-round-trip sample.
+
+    Raises:
+        ValueError: no samples.
+    """
+    if not samples:
+        raise ValueError("no clock samples")
+    best = min(samples, key=lambda s: s.rtt)
+    offset = best.host - (best.sent + best.received) // 2
+    if abs(offset) <= best.rtt:
+        return Offset(0, best.rtt, True)
+    return Offset(offset, best.rtt, False)

@@ -83,6 +83,8 @@ __all__ = [
     "H_LINK_ERROR",
     "H_RUN_END",
     "H_STALL",
+    "H_MIGRATE_OUT",
+    "H_MIGRATE_IN",
     # field values
     "CANCEL_CANCELLED",
     "CANCEL_REPLACED",
@@ -174,6 +176,12 @@ H_RUN_END = 111
 #: [kind, stopped at, gap ns]: the host's watchdog saw its process not scheduled (or
 #: its event loop busy) for that long
 H_STALL = 112
+#: [kind, t, offset ns (destination - source clock)]: issue 13, the source froze the
+#: VM for a migration; nothing of it runs on this host after t
+H_MIGRATE_OUT = 113
+#: [kind, t, offset ns (destination - source clock), source's freeze time]: issue 13,
+#: this host restored the VM (t on this host's clock)
+H_MIGRATE_IN = 114
 
 CANCEL_CANCELLED = 0
 CANCEL_REPLACED = 1

@@ -141,6 +141,9 @@ class FaultShim:
     def close(self) -> None:
         self.inner.close()
 
+    def redial(self, url: str) -> None:
+        self.inner.redial(url)
+
     def start(self, epoch_ns: int) -> None:
         """Start the schedule: window times count from ``epoch_ns`` (host ns)."""
         self.epoch = epoch_ns

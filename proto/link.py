@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, Frame, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, RemoteProtocolError
@@ -244,3 +245,72 @@ class Link:
         self._on_ack(peer_ack, now)
         self._resend_asked_at = -1
         self._retransmit(now, after=peer_ack)
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The sequence state a live migration carries (CDDL ``link-state`` without the
+        session id, which the host holds).
+
+        Pure: no time travels.  The unacknowledged frames go as their encoded bytes, so
+        the destination retransmits exactly what the peer lacks, byte for byte.  Frames
+        queued but not yet handed to the pipe are covered: sequenced ones are among the
+        unacknowledged, control ones are never retransmitted anyway.
+        """
+        return {
+            "send_next": self.send_next,
+            "recv_next": self.recv_next,
+            "peer_acked": self.peer_acked,
+            "ack_sent": self.ack_sent,
+            "max_message": self.max_message,
+            "unacked": [{"seq": p.seq, "kind": p.kind, "data": p.data} for p in self._unacked],
+        }
+
+    @classmethod
+    def from_snapshot(
+        cls,
+        snapshot: dict[str, Any],
+        now: int,
+        *,
+        name: str,
+        window: int = DEFAULT_WINDOW,
+        rto_ns: int = DEFAULT_RTO_NS,
+        dead_after_ns: int = DEFAULT_DEAD_AFTER_NS,
+    ) -> Link:
+        """A Link continuing :meth:`snapshot`'s session at ``now`` (other keys ignored).
+
+        Pending frames count as sent at ``now`` (the source's send times are another
+        host's clock): the RTO and the dead-peer timer start over here.
+
+        Raises:
+            ValueError: the numbers are inconsistent (unacknowledged frames must be
+                exactly ``peer_acked + 1 .. send_next - 1``), or a frame is larger
+                than ``max_message``.
+        """
+        link = cls(
+            name=name,
+            max_message=snapshot["max_message"],
+            window=window,
+            rto_ns=rto_ns,
+            dead_after_ns=dead_after_ns,
+        )
+        send_next, peer_acked = snapshot["send_next"], snapshot["peer_acked"]
+        frames = snapshot["unacked"]
+        seqs = [f["seq"] for f in frames]
+        if not 0 <= peer_acked < send_next or seqs != list(range(peer_acked + 1, send_next)):
+            raise ValueError(
+                f"{name}: unacknowledged frames {seqs[:1]}..{seqs[-1:]} do not fill "
+                f"{peer_acked + 1}..{send_next - 1}"
+            )
+        if len(frames) > window:
+            raise ValueError(f"{name}: {len(frames)} unacknowledged frames exceed the window")
+        for f in frames:
+            if len(f["data"]) > link.max_message:
+                raise ValueError(f"{name}: frame {f['seq']} exceeds max_message")
+        link.send_next = send_next
+        link.recv_next = snapshot["recv_next"]
+        link.peer_acked = peer_acked
+        link.ack_sent = min(snapshot["ack_sent"], link.recv_next - 1)
+        link._unacked = deque(_Pending(f["seq"], f["data"], now, f["kind"]) for f in frames)
+        link._last_progress = now if frames else None
+        return link

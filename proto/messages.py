@@ -20,6 +20,7 @@ __all__ = [
     "Error",
     "Ping",
     "Pong",
+    "Migrate",
     "ExitMmioRead",
     "ExitMmioWrite",
     "ExitMsrRead",
@@ -129,6 +130,14 @@ class Pong(Message):
     SEQUENCED: ClassVar[bool] = False
     t: int
     host: int
+
+
+@dataclass(frozen=True, slots=True)
+class Migrate(Message):
+    RULE: ClassVar[str] = "migrate"
+    SEQUENCED: ClassVar[bool] = False
+    to: str
+    frozen: int
 
 
 # ------------------------------------------------------------------ exits

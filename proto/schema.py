@@ -409,6 +409,19 @@ class Schema:
             v = self.rules[v.name]
         return v
 
+    def check(self, rule: str, value: Any) -> None:
+        """Validate ``value`` against any named rule, not only a message (the migration
+        state's ``vm-state``, say).
+
+        Raises:
+            SchemaError: no rule of that name.
+            ValidationError: ``value`` does not match; its ``path`` starts below the
+                rule (``vcpu[0].lapic.timer``), empty for the value itself.
+        """
+        if rule not in self.rules:
+            raise SchemaError(f"no rule {rule!r} in the schema")
+        self.rules[rule].check(value, "")
+
     def message_rules(self, root: str = "message") -> dict[str, MapRule]:
         """The map rules the root choice is made of, by rule name."""
         root_rule = self.rules[root]

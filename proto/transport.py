@@ -340,6 +340,24 @@ class PairEndpoint:
                 self._backlog.popleft()
             self._backlog_ready = trio.Event()
 
+    def redial(self, url: str) -> None:
+        """Move this dialing socket to another listener (issue 13: the VM migrated).
+
+        The dialers are closed (their pipe goes, so the old host sees the vCPU leave)
+        and ``url`` is dialled in the background, as :meth:`dial` does; the socket, its
+        receive fd and its tasks stay.  Frames still waiting in the backlog were meant
+        for the old peer: they are dropped (the link layer retransmits what matters
+        after the resume handshake on the new pipe).
+        """
+        for dialer in list(self.sock.dialers):
+            with contextlib.suppress(pynng.NNGException):
+                dialer.close()
+        self._backlog.clear()
+        try:
+            self.sock.dial(url, block=False)
+        except pynng.NNGException as exc:
+            raise OSError(f"cannot dial {url}: {exc}") from None
+
     def close(self) -> None:
         if self._closed:
             return

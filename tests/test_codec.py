@@ -85,6 +85,7 @@ STRATEGIES = {
     m.Error: st.builds(m.Error, code=U16, reason=TEXT),
     m.Ping: st.builds(m.Ping, t=U64, echo=st.none() | U64, rx=st.none() | U64),
     m.Pong: st.builds(m.Pong, t=U64, host=U64),
+    m.Migrate: st.builds(m.Migrate, to=_utf8_at_most(512, min_bytes=1), frozen=U64),
     m.ExitMmioRead: st.builds(
         m.ExitMmioRead, gpa=U64, size=MMIO_SIZE, pv_eoi=st.none() | st.booleans()
     ),

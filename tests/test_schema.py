@@ -28,6 +28,7 @@ KINDS = {
     "error": 5,
     "ping": 6,
     "pong": 7,
+    "migrate": 8,
     "exit-mmio-read": 16,
     "exit-mmio-write": 17,
     "exit-msr-read": 18,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vtick.host.faults import GuestFault
 from vtick.host.machine import Machine, VcpuState
@@ -81,6 +82,7 @@ class KvmClock:
         #: re-publications per vCPU
         self.publications = [0] * len(machine.vcpus)
         self._listeners: list[RepublishListener] = []
+        machine.devices["kvmclock"] = self
         machine.register_msr(
             Msr.MSR_KVM_WALL_CLOCK, Msr.MSR_KVM_SYSTEM_TIME, self.rdmsr, self.wrmsr, "kvmclock"
         )
@@ -161,3 +163,35 @@ class KvmClock:
         sec, nsec = divmod(boot, NSEC_PER_SEC)
         version = 2 if self.wall_clock is None else (self.wall_clock.version + 2) & U32_MASK
         self.wall_clock = WallClock(version=version, sec=sec & U32_MASK, nsec=nsec)
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def save(self, now: int) -> dict[str, Any]:
+        """The VM-wide part (CDDL ``kvmclock-vm``): the wall-clock MSR and the
+        ``pvclock_wall_clock`` the guest last got (guest memory travels with the VM).
+        ``realtime_offset_ns`` is the host's own and stays; ``publications`` is a counter."""
+        state: dict[str, Any] = {"wall_clock_gpa": self.wall_clock_gpa}
+        if self.wall_clock is not None:
+            wc = self.wall_clock
+            state["wall_clock"] = {"version": wc.version, "sec": wc.sec, "nsec": wc.nsec}
+        return state
+
+    def restore(self, state: dict[str, Any], now: int) -> None:
+        self.wall_clock_gpa = state["wall_clock_gpa"]
+        wc = state.get("wall_clock")
+        self.wall_clock = None if wc is None else WallClock(wc["version"], wc["sec"], wc["nsec"])
+
+    def save_vcpu(self, vcpu: int, now: int) -> dict[str, Any]:
+        """One vCPU's system-time MSR (enable bit included; CDDL ``kvmclock-vcpu``).
+
+        The vCPU's last publication travels in the clock section (``clock.pvclock``);
+        ``pending_publications`` does not travel: the destination re-publishes every
+        enabled vCPU anyway (:meth:`republish_all`), as KVM raises KVM_REQ_CLOCK_UPDATE
+        on every vCPU after KVM_SET_CLOCK.
+        """
+        return {"system_time": self.system_time[vcpu]}
+
+    def restore_vcpu(self, vcpu: int, state: dict[str, Any], now: int) -> None:
+        """Load the MSR only; the caller re-publishes once every device is restored
+        (a re-publication calls the listeners, e.g. the PV timer)."""
+        self.system_time[vcpu] = state["system_time"]

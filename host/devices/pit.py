@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vtick.host.machine import Machine, VcpuState
 from vtick.proto.abi import PIT_HZ, PitPort
@@ -253,6 +254,54 @@ class PitChannel:
         msb, self.read_msb_next = self.read_msb_next, not self.read_msb_next
         return value >> 8 if msb else value & 0xFF
 
+    # -------------------------------------------------------------- migration (issue 13)
+
+    def save(self, base: int) -> dict[str, Any]:
+        """This channel's state with every CLK edge index relative to ``base`` (the
+        edge of the freeze), so no host time leaves (CDDL ``pit-channel``)."""
+        state: dict[str, Any] = {
+            "gate": self.gate,
+            "mode": self.mode,
+            "access": self.access,
+            "bcd": self.bcd,
+            "reload": self.reload,
+            "loaded": self.loaded,
+            "load_edge": self.load_edge - base,
+            "credited": self.credited,
+            "hold": self.hold,
+            "write_msb_next": self.write_msb_next,
+            "write_lsb": self.write_lsb,
+            "read_msb_next": self.read_msb_next,
+            "latched_msb_next": self.latched_msb_next,
+        }
+        if self.run_from is not None:
+            state["run_from"] = self.run_from - base
+        if self.latched is not None:
+            state["latched"] = self.latched
+        if self.status is not None:
+            state["status"] = self.status
+        return state
+
+    def restore(self, state: dict[str, Any], base: int) -> None:
+        """Load :meth:`save`'s result with its edges re-based onto ``base``."""
+        self.gate = state["gate"]
+        self.mode = state["mode"]
+        self.access = state["access"]
+        self.bcd = state["bcd"]
+        self.reload = state["reload"]
+        self.loaded = state["loaded"]
+        self.load_edge = base + state["load_edge"]
+        self.credited = state["credited"]
+        self.hold = state["hold"]
+        self.write_msb_next = state["write_msb_next"]
+        self.write_lsb = state["write_lsb"]
+        self.read_msb_next = state["read_msb_next"]
+        self.latched_msb_next = state["latched_msb_next"]
+        run_from = state.get("run_from")
+        self.run_from = None if run_from is None else base + run_from
+        self.latched = state.get("latched")
+        self.status = state.get("status")
+
     def next_rising_edge(self, now: int, min_ticks: int) -> int | None:
         """Edge index of OUT's next low-to-high transition after ``now`` (gate held high).
 
@@ -300,6 +349,7 @@ class Pit:
         self.stats = PitStats()
         self._irq0_edge: int | None = None  # the rising edge the armed timer is for
         self._irq0_last = 0  # the last rising edge delivered (or the load edge)
+        machine.devices["pit"] = self
         machine.register_pio(PitPort.CHANNEL0, PitPort.MODE, self.pit_in, self.pit_out, "i8254")
         machine.register_pio(
             PitPort.PORT_B, PitPort.PORT_B, self.port_b_in, self.port_b_out, "port-b"
@@ -391,3 +441,36 @@ class Pit:
             self._irq0_last = latest
         self.irq0(now)
         self._arm_edge(ch.next_rising_edge(now, self.min_irq_ticks))
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def save(self, now: int) -> dict[str, Any]:
+        """The PIT (one per VM) at host time ``now`` (CDDL ``pit-state``).
+
+        The CLK is a function of host time, so edge indices are saved relative to the
+        freeze edge ``pit_clk(now)`` and re-based on restore: the counters resume from
+        the count they had, as the LAPIC timer does (KVM_GET_PIT2 / KVM_SET_PIT2 carry
+        ``count_load_time``, which QEMU re-bases onto its virtual clock, stopped while
+        the VM is stopped).  Port 0x61's refresh bit is derived from time, not state;
+        ``stats`` are counters.  ``irq0`` is the destination host's own wiring.
+        """
+        base = pit_clk(now)
+        state: dict[str, Any] = {
+            "channels": [ch.save(base) for ch in self.channels],
+            "port_b": self.port_b.bits,
+            "irq0_last": self._irq0_last - base,
+        }
+        if self._irq0_edge is not None:
+            state["irq0_edge"] = self._irq0_edge - base
+        return state
+
+    def restore(self, state: dict[str, Any], now: int) -> None:
+        """Load :meth:`save`'s result at host time ``now``; re-arm IRQ0 if wired."""
+        base = pit_clk(now)
+        for ch, saved in zip(self.channels, state["channels"], strict=True):
+            ch.restore(saved, base)
+        self.port_b.bits = state["port_b"]
+        self._irq0_last = base + state["irq0_last"]
+        edge = state.get("irq0_edge")
+        if self.irq0 is not None and edge is not None:
+            self._arm_edge(base + edge)

@@ -56,6 +56,11 @@ class PvApic:
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         self.stats = [PvApicStats() for _ in machine.vcpus]
+        # Migration (issue 13): nothing of its own to save.  The registers its VMI
+        # hypercalls reach are the LAPIC's, and the PV EOI state (MSR, enabled, the
+        # vector whose flag is set) lives in VcpuState, which saves it; ``stats`` are
+        # counters.  Registered all the same so a migration can tell it is present.
+        machine.devices["pvapic"] = self
         machine.register_hypercall(Hypercall.VTICK_VMI_APIC_READ, self.apic_read)
         machine.register_hypercall(Hypercall.VTICK_VMI_APIC_WRITE, self.apic_write)
         machine.register_hypercall(Hypercall.KVM_HC_SEND_IPI, self.send_ipi)

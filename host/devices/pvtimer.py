@@ -36,6 +36,7 @@ will be reading when the interrupt arrives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vtick.host.machine import Machine, VcpuState
 from vtick.proto.abi import ETIME, PV_TIMER_FUTURE, Feature, Hypercall, KvmErrno, Vector
@@ -85,6 +86,7 @@ class PvTimer:
         self.stats = [PvTimerStats() for _ in machine.vcpus]
         #: armed expiry per vCPU id, in guest ktime ns
         self.armed: dict[int, int] = {}
+        machine.devices["pvtimer"] = self
         machine.register_hypercall(Hypercall.VTICK_SET_NEXT_KTIME, self.set_next_ktime)
         machine.register_hypercall(Hypercall.VTICK_TIMER_SHUTDOWN, self.shutdown)
         machine.register_hypercall(Hypercall.VTICK_SET_NEXT_DELTA, self.set_next_delta)
@@ -192,3 +194,35 @@ class PvTimer:
         if self.machine.mutations.sometimes("double-fire"):
             # mutation: the one-shot fires a second time (vtick.host.mutations)
             self.machine.arm_timer(TIMER, vcpu, now + DOUBLE_FIRE_NS, self._fire)
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def save_vcpu(self, vcpu: int, now: int) -> dict[str, Any]:
+        """The armed expiry in guest ktime (absolute), if any (CDDL ``pvtimer-vcpu``).
+
+        That is all the device keeps: the flags (PV_TIMER_FUTURE) only decide the
+        hypercall's answer, and a delta program is stored as its absolute expiry.  The
+        host expiry is not saved: it is a host time, re-derived on restore.
+        """
+        expiry = self.armed.get(vcpu)
+        return {} if expiry is None else {"expiry": expiry}
+
+    def restore_vcpu(self, vcpu: int, state: dict[str, Any], now: int) -> None:
+        """Re-arm an absolute guest-ktime expiry on this host.
+
+        Converted through the vCPU's pvclock and ``machine.tsc`` of *this* host (restored
+        first), so the re-based expiry is exactly when the guest's clock reads it: an
+        absolute expiry survives a move unchanged in guest time (the point of the
+        "pv-ktime" mode).  One already reached (due during the blackout) is armed in the
+        past and fires at the next expiry pass, late by the blackout; one the clock
+        never reaches stays disarmed, as it was on the source.
+        """
+        expiry = state.get("expiry")
+        if expiry is None:
+            return
+        state_v = self.machine.vcpus[vcpu]
+        host_expiry = self.machine.tsc.host_ns_for_ktime(state_v.pvclock, expiry)
+        if host_expiry is None:
+            return
+        self.armed[vcpu] = expiry
+        self.machine.arm_timer(TIMER, state_v, host_expiry, self._fire)

@@ -39,6 +39,7 @@ are not implemented here.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vtick.host.machine import Machine, VcpuState
 from vtick.proto.abi import VMI_ALARM_PERIODIC, Feature, Hypercall, KvmErrno, Vector
@@ -102,6 +103,7 @@ class VmiAlarm:
         self.stats = [VmiAlarmStats() for _ in machine.vcpus]
         #: the pending alarm per vCPU id
         self.alarms: dict[int, _Alarm] = {}
+        machine.devices["vmi-alarm"] = self
         machine.register_hypercall(Hypercall.VTICK_VMI_SET_ALARM, self.set_alarm)
         machine.register_hypercall(Hypercall.VTICK_VMI_CANCEL_ALARM, self.cancel_alarm)
 
@@ -173,3 +175,27 @@ class VmiAlarm:
         nxt = _Alarm(alarm.deadline + periods * alarm.period, alarm.period)
         self.alarms[vcpu.vcpu] = nxt
         self._arm(vcpu, nxt)
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    def save_vcpu(self, vcpu: int, now: int) -> dict[str, Any]:
+        """The pending alarm in guest TSC cycles, if any (CDDL ``vmi-alarm-vcpu``).
+
+        Deadline and period are guest TSC values, which continue across the move (the
+        guest TSC follows the VM, as with KVM_SET_TSC_KHZ plus the TSC offset), so they
+        travel unchanged; the host expiry is re-derived on restore.
+        """
+        alarm = self.alarms.get(vcpu)
+        if alarm is None:
+            return {}
+        return {"deadline": alarm.deadline, "period": alarm.period}
+
+    def restore_vcpu(self, vcpu: int, state: dict[str, Any], now: int) -> None:
+        """Re-arm the alarm through this host's guest TSC.  A deadline passed during the
+        blackout is armed in the past and fires at the next expiry pass (a periodic one
+        then skips the periods it missed, counted as overruns, as on any late host)."""
+        if "deadline" not in state:
+            return
+        alarm = _Alarm(state["deadline"], state["period"])
+        self.alarms[vcpu] = alarm
+        self._arm(self.machine.vcpus[vcpu], alarm)

@@ -58,6 +58,8 @@ class CampaignOptions:
     allow_insecure_tcp: bool = False
     #: record every event and explain each path's worst late timers (issue 15)
     explain: bool = False
+    #: issue 13: move each path's VM to a second host this many seconds into the run
+    migrate_at_s: float | None = None
 
     def runs(self) -> list[tuple[str, str]]:
         """(family, name) of every run, in order."""
@@ -131,6 +133,7 @@ async def run_campaign(
                 vcpus_per_process=opts.vcpus_per_process,
                 allow_insecure_tcp=opts.allow_insecure_tcp,
                 explain=opts.explain,
+                migrate_at_s=opts.migrate_at_s,
             )
             entry: dict[str, Any] = {"family": family, "name": name}
             with trio.CancelScope() as scope:

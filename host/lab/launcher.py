@@ -96,6 +96,8 @@ class RunOptions:
     allow_insecure_tcp: bool = False
     #: record every event and explain the worst late timers (issue 15; results["explain"])
     explain: bool = False
+    #: issue 13: this many seconds into the run, move the VM to a second host process
+    migrate_at_s: float | None = None
 
 
 def describe_status(returncode: int) -> str:
@@ -160,6 +162,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
     token = secrets.token_bytes(32)
     listen = opts.listen or f"ipc://{run_dir}/link"
     host_results = os.path.join(run_dir, "results.json")
+    dest_results = os.path.join(run_dir, "destination.json")
     env = dict(os.environ)
     env["VTICK_TOKEN"] = token.hex()
     env[PARENT_ENV] = str(os.getpid())
@@ -174,6 +177,31 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                 a for k, v in sorted(opts.params.items()) for a in ("--param", f"{k}={v}")
             ]
             host_plan = recording.host() if recording else ({}, ())
+            migration: list[str] = []
+            dest: trio.Process | None = None
+            if opts.migrate_at_s is not None:
+                # issue 13: the destination waits first, so the source can reach it
+                incoming = f"ipc://{run_dir}/incoming"
+                dest = await trio.lowlevel.open_process(
+                    _child_cmd(
+                        "host",
+                        "--incoming",
+                        incoming,
+                        "--listen",
+                        f"ipc://{run_dir}/dest",
+                        "--connect-timeout",
+                        str(opts.migrate_at_s + READY_TIMEOUT_S + 30),
+                        "--results",
+                        dest_results,
+                        *(["--allow-insecure-tcp"] if opts.allow_insecure_tcp else []),
+                    ),
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    start_new_session=True,
+                )
+                children.add("destination host", dest)
+                await _wait_ready(dest)
+                migration = ["--migrate-at", str(opts.migrate_at_s), "--migrate-to", incoming]
             host = await trio.lowlevel.open_process(
                 _child_cmd(
                     "host",
@@ -199,6 +227,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                     *(["--trace"] if opts.trace else []),
                     "--results",
                     host_results,
+                    *migration,
                     *param_args,
                 ),
                 env=env | host_plan[0],
@@ -232,9 +261,14 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                 )
                 children.add(f"vCPU {first}" if first == last else f"vCPUs {first}-{last}", proc)
             for name, proc in children.procs:
-                nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
+                if proc is not dest:  # (its end is judged once the source's is known)
+                    nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
             with trio.move_on_after(opts.duration_s + opts.host_grace_s):
                 await host.wait()
+                if dest is not None and host.returncode == 0:
+                    problem = await _wait_destination(dest, host_results)
+                    if problem and not failure:
+                        failure.append(problem)
             if host.returncode is None and not failure:
                 # a host that neither finishes nor dies has stopped answering: say so,
                 # and the cleanup below ends it (SIGCONT, SIGTERM, then SIGKILL)
@@ -256,6 +290,8 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
     finally:
         await children.stop_all()
         explained = recording.explain(_config(opts)) if recording else None  # issue 15
+        if opts.migrate_at_s is not None:
+            host_results = _merge_migration(host_results, dest_results)
         results = _collect_and_remove(run_dir, host_results)
     if failure:
         if failure[0].startswith("interrupted by"):
@@ -268,6 +304,58 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
     if results_path is not None:
         write_json(results_path, results)
     return results
+
+
+async def _wait_destination(dest: trio.Process, source_results: str) -> str | None:
+    """Issue 13: the destination runs the VM to the end of the run, unless the
+    migration failed (the source says so in its results and ran the VM itself): then
+    the destination has nothing to run and is told to stop.  Returns what went wrong."""
+    if not _moved(source_results):
+        if dest.returncode is None:
+            dest.send_signal(signal.SIGTERM)
+        await dest.wait()
+        return None
+    status = await dest.wait()
+    if status != 0:
+        return f"destination host (pid {dest.pid}) {describe_status(status)}"
+    return None
+
+
+def _moved(source_results: str) -> bool:
+    """Did the source hand its VM over (its results say so)?"""
+    try:
+        with open(source_results) as fh:
+            return bool(json.load(fh).get("migration", {}).get("ok"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _merge_migration(source_path: str, dest_path: str) -> str:
+    """The run's results after a migration: the destination's (it collected every
+    vCPU's report), with the source's own record and per-vCPU host figures under
+    ``migration.source``; the source's alone if the VM never moved."""
+    try:
+        with open(source_path) as fh:
+            source = json.load(fh)
+    except (OSError, ValueError):
+        return source_path
+    if not _moved(source_path) or not os.path.exists(dest_path):
+        return source_path
+    with open(dest_path) as fh:
+        dest = json.load(fh)
+    dest.setdefault("migration", {})["source"] = {
+        "record": source.get("migration"),
+        "ok": source.get("ok"),
+        "wall_ns": source.get("wall_ns"),
+        "vcpus": [
+            {k: v.get(k) for k in ("vcpu", "host_exits", "link_errors", "frozen_frames", "link")}
+            for v in source.get("vcpus", [])
+        ],
+    }
+    dest["ok"] = bool(dest.get("ok")) and bool(source.get("ok"))
+    write_json(dest_path, dest)
+    os.remove(source_path)
+    return dest_path
 
 
 def _config(opts: RunOptions) -> dict[str, object]:

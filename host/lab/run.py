@@ -51,6 +51,14 @@ def _preflight(args: argparse.Namespace) -> list[str]:
             )
     if not args.modes and not ipis:
         raise UsageError("nothing to run (--modes none and no IPI path)")
+    if args.migrate_at is not None:
+        if args.migrate_at >= args.duration:
+            raise UsageError(
+                f"--migrate-at {args.migrate_at:g} is not inside the run's --duration "
+                f"{args.duration:g}"
+            )
+        if args.listen:
+            raise UsageError("--migrate-at runs both hosts on ipc:// here; drop --listen")
     workloads = ([args.workload] if args.modes else []) + (["ipi"] if ipis else [])
     check_params(dict(args.param), workloads)
     check_output_file(args.json, "--json")
@@ -104,6 +112,7 @@ def run_main(args: argparse.Namespace) -> int:
         vcpus_per_process=args.vcpus_per_process,
         allow_insecure_tcp=args.allow_insecure_tcp,
         explain=args.explain,
+        migrate_at_s=args.migrate_at,
     )
     paths = opts.runs()
     # a terminal gets its own width; a pipe or a log file gets room for the full tables

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vtick.host.faults import GuestFault
 from vtick.host.lapic.port import LapicPort
@@ -1114,3 +1115,133 @@ class Lapic:
         self._cancel()
         self._tscdeadline = value  # 0 disarms
         self._start_apic_timer(now)
+
+    # ------------------------------------------------------------------ migration (issue 13)
+
+    #: the register page a migration carries, by the CDDL's field name (lapic-state).
+    #: LVR is not among them: it is read-only and follows the destination's CPUID model
+    #: (KVM derives it in kvm_apic_set_version, not from the saved page).
+    _SAVED_REGS = {
+        "id": r.APIC_ID,
+        "tpr": r.APIC_TASKPRI,
+        "ldr": r.APIC_LDR,
+        "dfr": r.APIC_DFR,
+        "svr": r.APIC_SPIV,
+        "esr": r.APIC_ESR,
+        "icr": r.APIC_ICR,
+        "icr2": r.APIC_ICR2,
+        "lvtt": r.APIC_LVTT,
+        "lvtthmr": r.APIC_LVTTHMR,
+        "lvtpc": r.APIC_LVTPC,
+        "lvt0": r.APIC_LVT0,
+        "lvt1": r.APIC_LVT1,
+        "lvterr": r.APIC_LVTERR,
+        "tmict": r.APIC_TMICT,
+        "tdcr": r.APIC_TDCR,
+    }
+    #: LVTT timer-mode bits 18:17 <-> the small number the blob carries (SDM 11.5.1)
+    _MODES = (r.APIC_LVT_TIMER_ONESHOT, r.APIC_LVT_TIMER_PERIODIC, r.APIC_LVT_TIMER_TSCDEADLINE)
+
+    @staticmethod
+    def _words(bits: int) -> list[int]:
+        """A 256-bit vector array as the 8 32-bit words of the APIC page (word 0 first)."""
+        return [(bits >> (32 * i)) & r.U32 for i in range(r.APIC_VECTOR_WORDS)]
+
+    @staticmethod
+    def _from_words(words: list[int]) -> int:
+        return sum((w & r.U32) << (32 * i) for i, w in enumerate(words))
+
+    def save(self, now: int) -> dict[str, Any]:
+        """This LAPIC's architectural state at host time ``now`` (CDDL ``lapic-state``).
+
+        As KVM_GET_LAPIC: the register page, IRR/ISR/TMR and APIC_BASE (EXTD = x2APIC
+        mode), and the timer as a *count*: one-shot and periodic save the time left to
+        the next expiry (KVM saves TMCCT; we keep it in ns, TMCCT = remaining // (bus
+        cycle * divisor), so no sub-count precision is lost), TSC-deadline saves the
+        deadline in guest TSC cycles.  No host time leaves: ``inject_not_before`` travels
+        as the guest TSC it stands for.  Counters (``stats``) are not state and stay.
+        """
+        regs = {name: self._regs[off] for name, off in self._SAVED_REGS.items()}
+        if self._cmci:
+            regs["lvtcmci"] = self._regs[r.APIC_LVTCMCI]
+        timer: dict[str, Any] = {
+            "mode": self._MODES.index(self._timer_mode),
+            "period_ns": self._period,
+            "armed": self._armed is not None,
+            "tsc_deadline": self._tscdeadline,
+            "advance_ns": self.timer_advance_ns,
+        }
+        if self._target is not None:
+            timer["remaining_ns"] = self._target - now  # < 0: due, not yet fired
+        if self.inject_not_before is not None:
+            timer["not_before_tsc"] = self.port.guest_tsc(self.inject_not_before)
+        state: dict[str, Any] = {
+            "apic_base": self._apic_base,
+            **regs,
+            "irr": self._words(self._irr),
+            "isr": self._words(self._isr),
+            "tmr": self._words(self._tmr),
+            "timer": timer,
+            "nmi_pending": self.nmi_pending,
+            "nmi_in_service": self.nmi_in_service,
+            "init_pending": self.init_pending,
+            "sipi_pending": self.sipi_pending,
+            "smi_pending": self.smi_pending,
+            "pv_unhalted": self.pv_unhalted,
+        }
+        if self.sipi_vector is not None:
+            state["sipi_vector"] = self.sipi_vector
+        return state
+
+    def restore(self, state: dict[str, Any], now: int) -> None:
+        """Load a :meth:`save` result at host time ``now`` and re-arm the timer.
+
+        As KVM_SET_LAPIC (``kvm_apic_set_state``): registers are loaded as they are (no
+        write side effects: no IPI is re-sent, no LVT is re-masked), then the timer
+        restarts (``__start_apic_timer(apic, APIC_TMCCT)``): a one-shot or periodic count
+        resumes from its saved remaining time at ``now``, so it is late by however long
+        the VM was stopped; a TSC deadline is converted through this host's guest TSC,
+        and one the guest TSC has already passed fires here, at once.
+
+        Raises:
+            ValueError: the state does not fit this LAPIC (CMCI LVT present on one side
+                only, a mode this CPUID model cannot select).
+        """
+        if ("lvtcmci" in state) != self._cmci:
+            raise ValueError("LVTCMCI present on one side only (MCG_CMCI_P differs)")
+        timer = state["timer"]
+        mode = self._MODES[timer["mode"]]
+        if mode & ~self._timer_mode_mask:
+            raise ValueError("TSC-deadline timer mode without the TSC_DEADLINE CPUID bit")
+        self._cancel()
+        self._apic_base = state["apic_base"]
+        for name, off in self._SAVED_REGS.items():
+            self._regs[off] = state[name]
+        if self._cmci:
+            self._regs[r.APIC_LVTCMCI] = state["lvtcmci"]
+        self._irr = self._from_words(state["irr"])
+        self._isr = self._from_words(state["isr"])
+        self._tmr = self._from_words(state["tmr"])
+        self.nmi_pending = state["nmi_pending"]
+        self.nmi_in_service = state["nmi_in_service"]
+        self.init_pending = state["init_pending"]
+        self.sipi_pending = state["sipi_pending"]
+        self.sipi_vector = state.get("sipi_vector")
+        self.smi_pending = state["smi_pending"]
+        self.pv_unhalted = state["pv_unhalted"]
+        self._timer_mode = mode
+        self._divisor = tdcr_divisor(self._regs[r.APIC_TDCR])
+        self._period = timer["period_ns"]  # already clamped on the source (path-dependent)
+        self._tscdeadline = timer["tsc_deadline"]
+        self.timer_advance_ns = timer["advance_ns"]
+        nb = timer.get("not_before_tsc")
+        self.inject_not_before = None if nb is None else self.port.tsc_to_host_ns(nb)
+        remaining = timer.get("remaining_ns")
+        self._target = None if remaining is None else now + remaining
+        if timer["armed"]:
+            if self._is_tscdeadline():
+                self._start_sw_tscdeadline(now)
+            elif self._target is not None:
+                # armed even if already due: the host timer fires at the next expiry pass
+                self._arm(self._target)
+        self.port.irq_state_changed()
