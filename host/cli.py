@@ -490,6 +490,27 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--rounds", type=positive_int, default=3, help="blocks per path (default 3)")
     bl.add_argument("--duration", type=duration, default=2.0, help="seconds per block (default 2)")
     bl.add_argument("--seed", type=nonneg_int, default=1, help="storm seed (default 1)")
+    bm = bsub.add_parser(
+        "migration", help="live migration per timer mode: blackout and delayed timers"
+    )
+    bm.add_argument(
+        "--modes",
+        type=_choices(list(MODE_NAMES)),
+        default=None,
+        help="comma-separated timer modes (default: lapic-xapic, lapic-periodic, "
+        "tsc-deadline, vmi, pv-ktime, pv-delta)",
+    )
+    bm.add_argument("--rounds", type=positive_int, default=3, help="stay/move pairs (default 3)")
+    bm.add_argument("--duration", type=duration, default=3.0, help="seconds per run (default 3)")
+    bm.add_argument("--seed", type=nonneg_int, default=1, help="workload seed (default 1)")
+    bm.add_argument("--json", default=None, metavar="PATH", help="write the figures here")
+    bm.add_argument(
+        "--shape",
+        choices=("sparse", "dense"),
+        default="sparse",
+        help="sparse: 1 timer 30..60 ms ahead (it spans the blackout); dense: the timers "
+        "workload's 100 us .. 2 ms storm (default: sparse)",
+    )
     _conformance_parsers(sub)
     _topology_parsers(sub, run, host)
     _chaos_parsers(sub, run)  # issue 10 (and issue 15's run --explain)
@@ -831,6 +852,14 @@ def _chaos_parsers(sub: typing.Any, run: argparse.ArgumentParser) -> None:
         metavar="NAME=INT",
         help=_param_help(),
     )
+    ch.add_argument(
+        "--migrate-at",
+        type=duration,
+        default=None,
+        metavar="SECONDS",
+        help="live-migrate each run's VM to a second host process this many seconds into "
+        "the run; the checkers read both hosts' logs as one history (default: never)",
+    )
     _mutate_arg(ch)
     an = sub.add_parser(
         "analyze",
@@ -958,6 +987,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from vtick.host.bench.lateness import run_lateness_bench
 
         return run_lateness_bench(args.rounds, args.duration, args.seed)
+    if args.bench == "migration":
+        from vtick.host.bench.migration import run_migration_bench
+
+        return run_migration_bench(
+            args.modes, args.rounds, args.duration, args.seed, args.json, args.shape
+        )
     if args.bench == "wheel":
         from vtick.host.bench.wheel import run_wheel_bench
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vtick.host.faults import GuestFault
@@ -296,6 +296,43 @@ class VcpuState:
                 )
             )
         self.lapic.restore(state["lapic"], now)
+
+    def save_stats(self) -> dict[str, Any]:
+        """This vCPU's statistics counters (CDDL ``vcpu-stats`` minus ``devices``).
+
+        Not state (nothing behaves differently for them), but a migrated run's results
+        and the chaos checker ``lapic-consistent`` (injections = EOIs + vectors in
+        service) read them as whole-run figures: they travel so that the destination's
+        counters continue the source's instead of restarting at zero.
+        """
+        return {
+            "lapic": counters_of(self.lapic.stats),
+            "injected": self.injected,
+            "pv_eois": self.pv_eois,
+            "unclaimed": dict(self.unclaimed),
+        }
+
+    def restore_stats(self, stats: dict[str, Any]) -> None:
+        """Load :meth:`save_stats` into this (fresh) vCPU, before anything it restores
+        counts (a pending injection, a timer due during the blackout): those add to the
+        source's figures."""
+        load_counters(self.lapic.stats, stats["lapic"])
+        self.injected = stats["injected"]
+        self.pv_eois = stats["pv_eois"]
+        self.unclaimed = Counter(stats["unclaimed"])
+
+
+def counters_of(stats: Any) -> dict[str, int]:
+    """The integer fields of a statistics dataclass, by name (issue 13: they migrate)."""
+    return {f.name: v for f in fields(stats) if isinstance(v := getattr(stats, f.name), int)}
+
+
+def load_counters(stats: Any, counts: dict[str, int]) -> None:
+    """Set a statistics dataclass's integer fields from ``counts``; names this vtick
+    does not know (another version's) are ignored, missing ones stay as they are."""
+    for f in fields(stats):
+        if f.name in counts and isinstance(getattr(stats, f.name), int):
+            setattr(stats, f.name, counts[f.name])
 
 
 class _ApicPort:

@@ -98,6 +98,12 @@ _TABLE: tuple[Mutation, ...] = (
         "chaos no-silent-loss (invariants 6 and 8)",
         one_in=200,
     ),
+    Mutation(
+        "migration-drops-timers",
+        "a live migration's destination does not re-arm the host timers it restored: a "
+        "guest timer armed on the source never fires on the destination (issue 13)",
+        "chaos timer-once on a migrated run (vtick chaos --migrate-at)",
+    ),
     # ---- end chaos
 )
 

@@ -354,8 +354,11 @@ class PairEndpoint:
                 dialer.close()
         self._backlog.clear()
         try:
+            if url.startswith("tls+tcp://"):
+                # a socket made for ipc or tcp has no TLS configuration yet
+                self.sock.tls_config = tls_config(server=False)
             self.sock.dial(url, block=False)
-        except pynng.NNGException as exc:
+        except (OSError, pynng.NNGException) as exc:
             raise OSError(f"cannot dial {url}: {exc}") from None
 
     def close(self) -> None:

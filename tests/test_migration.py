@@ -89,17 +89,21 @@ def test_vm_moves_to_another_host_per_timer_mode(mode: str) -> None:
 def test_ipi_storm_survives_a_move() -> None:
     results = _migrated_run("pv-ktime", ipi="pv")
     _check_moved(results)
-    for v in results["vcpus"]:
-        c = v["guest"]["counters"]
+    counters = [v["guest"]["counters"] for v in results["vcpus"]]
+    for c, v in zip(counters, results["vcpus"], strict=True):
         # every call completed or was cut off by the end: none timed out or failed
         # across the move (a csd or IPI lost in it would be a timeout here)
         assert c["smp_calls"] > 0
         assert c["csd_timeouts"] == 0
         assert c["csd_errors"] == 0
         assert c["ipi_failed_calls"] == 0
-        assert c["csds_sent"] == c["csds_run"] or c["smp_cut_off_calls"] > 0
-        # calls went on after the move: the destination relayed csds
+        # calls went on after the move
         assert c["migration_resumed_ns"] < v["guest"]["duration_ns"] + c["workload_started_ns"]
+    # every csd sent was run, but for those the end of the run cut off (each cut-off
+    # call leaves at most one csd per target unrun)
+    sent = sum(c["csds_sent"] for c in counters)
+    ran = sum(c["csds_run"] for c in counters)
+    assert 0 <= sent - ran <= sum(c["smp_cut_off_calls"] for c in counters) * (len(counters) - 1)
     assert sum(v["relayed_stores"] for v in results["vcpus"]) > 0
 
 

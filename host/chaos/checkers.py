@@ -78,7 +78,11 @@ EARLY_TOLERANCE_NS = 1_000
 #: at most this many violations are kept as examples
 EXAMPLES = 5
 #: faults that can make a csd wait run out its 1 s timeout (a window lasts at most 8 ms)
-CALL_BLAME = ("stop", "crash", "host-stop", "link")
+CALL_BLAME = ("stop", "crash", "host-stop", "link", "migration")
+#: issue 13: a live migration's blackout, as a fault on the host (every vCPU) in
+#: RunContext.faults: from the freeze to the last vCPU's resume on the destination (or,
+#: when the move failed, to the moment the VM ran on at the source)
+MIGRATION = "migration"
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,22 @@ class RunContext:
         #: vcpu -> times of new sessions
         self.new_sessions: dict[int, list[int]] = defaultdict(list)
         self.last_event: dict[tuple[int, int], int] = {}
+        #: issue 13: every migration's blackout (also in ``faults``, on the host)
+        self.blackouts: list[_Fault] = []
+        moving: dict[str, Any] | None = None  # the move under way: freeze, restore, resumes
         open_faults: dict[Any, Event] = {}
         for e in events:
             f = e["f"]
+            if f == "migrate-out":
+                moving = {"start": e["time"], "in": None, "back": {}}
+            elif f == "migrate-in" and moving is not None:
+                moving["in"] = e["time"]
+            elif f == "migrate-failed" and moving is not None:
+                self._add_blackout(moving["start"], e["time"], "failed")
+                moving = None
+            elif f == "session" and moving is not None and moving["in"] is not None:
+                # a vCPU back on the destination: its session resumed (or a new process)
+                moving["back"].setdefault(e["vcpu"], e["time"])
             if f == "fault":
                 v = e["value"]
                 key = (v.get("kind"), v.get("fault"))
@@ -212,6 +229,12 @@ class RunContext:
                 self.new_sessions[e["vcpu"]].append(e["time"])
         for start in open_faults.values():  # never ended: lasted to the end
             self._add_fault(start["value"], start["time"], self.last)
+        if moving is not None:
+            back = moving["back"]
+            # a vCPU that never came back (stopped, killed) kept the blackout open for it
+            # until the end; the VM's other vCPUs ran on, which the checks by vCPU see
+            end = max(back.values()) if back and len(back) >= self.vcpus else self.last
+            self._add_blackout(moving["start"], end, "moved")
         self._finish_crashes(events)
         self.faults.sort(key=lambda x: x.start)
         self._by_target: dict[int, list[_Fault]] = defaultdict(list)
@@ -232,6 +255,11 @@ class RunContext:
         if kind == "link":
             end += LINK_RECOVERY_NS
         self.faults.append(_Fault(v.get("fault"), kind, target, start, end, v.get("pattern", "")))
+
+    def _add_blackout(self, start: int, end: int, how: str) -> None:
+        blackout = _Fault(f"migration-{len(self.blackouts)}", MIGRATION, -1, start, end, how)
+        self.blackouts.append(blackout)
+        self.faults.append(blackout)
 
     def _finish_crashes(self, events: list[Event]) -> None:
         """A crashed vCPU is down from the kill until its next process's workload starts."""
@@ -302,7 +330,14 @@ class RunContext:
         excuse."""
         if due + bound >= min(end, self.run_end or self.last):
             return "the run ended first"
-        if self.faults_on([vcpu], due, end) or self.stalled(vcpu, due, end):
+        # a migration's blackout ends when the VM runs again: one over well before the
+        # end delayed nothing past it (a timer armed on the source must fire after it)
+        held = [
+            f
+            for f in self.faults_on([vcpu], due, end)
+            if f.kind != MIGRATION or f.end + bound >= end
+        ]
+        if held or self.stalled(vcpu, due, end):
             return "delayed by a fault or a stall, then the run ended"
         return None
 
@@ -806,7 +841,13 @@ def check_lateness_explained(events: list[Event], ctx: RunContext, opts: CheckOp
         v.checked += 1
         vcpu = e["vcpu"]
         start = e["value"]["expires_host"]
-        faults = ctx.faults_on([vcpu], start, e["time"])
+        # a migration's blackout explains a timer due during it or in flight across it,
+        # which fires at the resume: late by the blackout and the bound at most, not more
+        faults = [
+            f
+            for f in ctx.faults_on([vcpu], start, e["time"])
+            if f.kind != MIGRATION or e["time"] <= f.end + bound
+        ]
         _exposure(v, ctx, [vcpu], start, e["time"])
         if faults:
             for kind in {f.kind for f in faults}:

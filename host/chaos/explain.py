@@ -292,7 +292,9 @@ class Recording:
         return fd
 
     def host(self) -> tuple[dict[str, str], tuple[int, ...]]:
-        """(environment, descriptors to pass) for the host process."""
+        """(environment, descriptors to pass) for a host process: the one that starts
+        the VM and, with ``--migrate-at`` (issue 13), the destination's, each with a log
+        of its own (``build_history`` merges them onto one clock)."""
         import json
 
         from vtick.proto.eventlog import PLAN_ENV
@@ -333,7 +335,7 @@ class Recording:
             finally:
                 os.close(fd)
             if contents.header.get("role") == "host":
-                ex.host_log = contents
+                ex.host_logs.append(contents)  # issue 13: the destination's too, merged
             else:
                 ex.guest_logs.append(contents)
         self.fds = []

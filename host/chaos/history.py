@@ -27,6 +27,20 @@ its incarnation, so ids never repeat within a vCPU.  Host records name a guest e
 (the host resets the vCPU for every new session), and the guest's own exit records say
 which timer arming or IPI that exit was for.  An injection is joined to its arrival on
 the guest the same way (its link number in that session).
+
+**Two hosts (a live migration, issue 13).**  An Execution may hold several host logs:
+the host that started the VM, then the host(s) it moved to.  :func:`merge_host_logs`
+makes one record stream of them, on the first host's clock: a destination's times (and
+the host expiries in its timer records) are moved back by the clock offset its
+``H_MIGRATE_IN`` record carries (destination - source; 0 on one machine).  Guest
+records need no move: a vCPU keeps the source's clock domain across the move.  The
+stream is the source's records, then the destination's, so the builder's one pass
+keeps the session generations continuous: the destination resumes the same sessions
+(``SESSION_RESUMED``), and only a new process after the move starts a new generation.
+The move becomes ``migrate-out`` (the freeze), ``migrate-in`` (the restore) and, when
+it failed, ``migrate-failed`` (the VM ran on at the source: the destination's log, if it
+restored anything, is left out, as no vCPU ever ran there) info events; the checkers
+take the blackout from them.
 """
 
 from __future__ import annotations
@@ -41,7 +55,14 @@ from vtick.proto import messages as m
 from vtick.proto.catalog import PREEMPTION_POINTS
 from vtick.proto.pvclock import PvclockInfo, TscModel
 
-__all__ = ["build_history", "write_history", "read_history", "HistoryError", "FORMAT"]
+__all__ = [
+    "build_history",
+    "merge_host_logs",
+    "write_history",
+    "read_history",
+    "HistoryError",
+    "FORMAT",
+]
 
 FORMAT = 1
 _EXIT_KINDS = [m.EXIT_KIND_NAMES[cls] for cls in m.EXIT_CLASSES]
@@ -109,6 +130,10 @@ class _Builder:
                 gen = generation.get(r[2], -1) + 1
                 generation[r[2]] = gen
                 self.sessions[r[3]] = (r[2], gen)
+
+    def migrations(self, moves: list[tuple[int, str, dict[str, Any]]]) -> None:
+        for t, f, value in moves:
+            self.add(t, None, "info", f, value)
 
     def host(self, records: list[tuple[int, ...]]) -> None:
         gen: dict[int, int] = {}
@@ -361,13 +386,87 @@ class _Builder:
             self.add(end, v["vcpu"], "info", "link-end", value)
 
 
+#: host records whose second word is a host time, and which words are host times
+_HOST_TIMES: dict[int, tuple[int, ...]] = {ev.H_TARM: (1, 4), ev.H_TFIRE: (1, 4)}
+#: host records that show the VM running (a frame taken, a timer run, a message sent)
+_RUNNING = frozenset({ev.H_EXIT, ev.H_TFIRE, ev.H_INJECT, ev.H_IPI, ev.H_SESSION})
+
+
+def _shift(record: tuple[int, ...], by: int) -> tuple[int, ...]:
+    if not by:
+        return record
+    words = list(record)
+    for i in _HOST_TIMES.get(record[0], (1,)):
+        if words[i]:  # 0 = "no expiry" stays 0
+            words[i] += by
+    return tuple(words)
+
+
+def _arrival(log: ev.LogContents) -> tuple[int, int]:
+    came = next((r for r in log.records if r[0] == ev.H_MIGRATE_IN), None)
+    return (0, 0) if came is None else (1, came[3])
+
+
+def merge_host_logs(
+    logs: list[ev.LogContents],
+) -> tuple[list[tuple[int, ...]], list[tuple[int, str, dict[str, Any]]]]:
+    """Every host's records as one stream on the first host's clock, and the moves.
+
+    ``logs``: every host's log, in any order (the one without ``H_MIGRATE_IN`` started
+    the VM).
+    Returns (records, [(time, "migrate-out" | "migrate-in" | "migrate-failed", value)]).
+    Pure: the same logs give the same stream.
+    """
+    if not logs:
+        return [], []
+    # whatever order they come in: the host that started the VM (no H_MIGRATE_IN) first,
+    # then the destinations by the freeze they took the VM from (a destination that
+    # never got one logged nothing: a process that never builds a Host opens no log)
+    logs = sorted(logs, key=_arrival)
+    records: list[tuple[int, ...]] = []
+    moves: list[tuple[int, str, dict[str, Any]]] = []
+    shift = 0  # this host's clock -> the first host's
+    current = logs[0]
+    records.extend(current.records)
+    for to, dest in enumerate(logs[1:], start=1):
+        came = next((r for r in dest.records if r[0] == ev.H_MIGRATE_IN), None)
+        out = [r for r in current.records if r[0] == ev.H_MIGRATE_OUT]
+        if not out:
+            continue  # nothing left this host: the other one never ran the VM
+        frozen = out[-1][1] + shift
+        offset = out[-1][2]
+        moves.append((frozen, "migrate-out", {"offset_ns": offset, "to": to}))
+        # the VM ran on here if this host took a frame or ran a timer after the freeze
+        again = next(
+            (r[1] + shift for r in current.records if r[0] in _RUNNING and r[1] > out[-1][1]),
+            None,
+        )
+        if came is None or again is not None:
+            value = {"frozen": frozen, "restored": came is not None}
+            moves.append((again if again is not None else frozen, "migrate-failed", value))
+            continue
+        shift -= came[2]
+        restored = came[1] + shift
+        value = {
+            "offset_ns": came[2],
+            "frozen": frozen,
+            "restore_ns": restored - frozen,  # freeze -> restored (copy, transfer, restore)
+        }
+        moves.append((restored, "migrate-in", value))
+        records.extend(_shift(r, shift) for r in dest.records)
+        current = dest
+    return records, moves
+
+
 def build_history(ex: Execution) -> list[dict[str, Any]]:
     """The run's history: every event in host-time order, indexed from 0."""
     b = _Builder(ex)
-    host = ex.host_log.records if ex.host_log is not None else []
+    logs = ex.host_logs or ([ex.host_log] if ex.host_log is not None else [])
+    host, moves = merge_host_logs(logs)
     b.sessions_from_host(host)
     placed = [(log, *b.guest_exits(log)) for log in ex.guest_logs]
     b.host(host)
+    b.migrations(moves)
     for log, vcpu, gen, inc in placed:
         b.guest(log, vcpu, gen, inc)
     b.faults()

@@ -97,6 +97,9 @@ def _repro(args: argparse.Namespace, seed: int, mode: str, ipi: str) -> str:
         "--duration", f"{args.duration:g}",
     ]  # fmt: skip
     cmd += [a for name in args.mutate for a in ("--mutate", name)]
+    cmd += [a for k, v in args.param for a in ("--param", f"{k}={v}")]
+    if getattr(args, "migrate_at", None) is not None:
+        cmd += ["--migrate-at", f"{args.migrate_at:g}"]
     if args.late_bound != DEFAULT_LATE_BOUND_MS:
         cmd += ["--late-bound", f"{args.late_bound:g}"]
     return shlex.join(cmd)
@@ -128,6 +131,12 @@ def _preflight(args: argparse.Namespace) -> None:
         raise UsageError("--modes: at least one timer mode")
     if not args.ipi:
         raise UsageError("--ipi: at least one IPI path")
+    migrate_at = getattr(args, "migrate_at", None)
+    if migrate_at is not None and not 0.3 <= migrate_at < args.duration:
+        raise UsageError(
+            f"--migrate-at {migrate_at:g}: move the VM after boot (0.3 s) and before the "
+            f"end of the run ({args.duration:g} s)"
+        )
     check_output_dir(args.out, "--out")
     check_params(dict(args.param), ["mixed"])
 
@@ -201,6 +210,7 @@ def _run_all(args: argparse.Namespace, console: Any) -> tuple[list[RunSummary], 
                 faults=tuple(args.faults),
                 mutations=tuple(args.mutate),
                 params=tuple(sorted((CHAOS_PARAMS | dict(args.param)).items())),
+                migrate_at_s=getattr(args, "migrate_at", None),
             )
             ex = trio.run(execute, opts, guardian)
             history = build_history(ex)

@@ -32,6 +32,17 @@ few seconds, then everything is stopped the launcher's way (SIGCONT, SIGTERM, SI
 the logs and the host's results are read into memory and the run directory is removed:
 a chaos run leaves no process, socket or file behind in the temporary directory, also
 when it is interrupted.
+
+**Migration** (``--migrate-at S``, issue 13).  A second host, ``vtick host --incoming``,
+starts first with its own event log and waits; the source host gets ``--migrate-at S
+--migrate-to`` its address and moves the VM there S seconds into the run (the
+destination then runs it to the end; see ``host/migration/``).  Both are supervised and
+both logs collected (:attr:`Execution.host_logs`, source first; ``history.py`` merges
+them).  The nemesis follows the VM: a ``host-stop`` stops whichever host runs it at that
+moment, and a crashed vCPU's new process dials the destination once the VM is there.
+The run's results are the destination's after a move (the source's under
+``migration.source``, as ``vtick run`` merges them), the source's if the move failed:
+the VM then ran on there and the destination is told to stop.
 """
 
 from __future__ import annotations
@@ -56,10 +67,19 @@ from vtick.host.lab.launcher import (
     RunFailed,
     _child_cmd,
     _Children,
+    _merge_migration,
+    _moved,
     _wait_ready,
     describe_status,
 )
-from vtick.proto.eventlog import H_RUN_START, PLAN_ENV, LogContents, anonymous_fd, read_log
+from vtick.proto.eventlog import (
+    H_MIGRATE_IN,
+    H_RUN_START,
+    PLAN_ENV,
+    LogContents,
+    anonymous_fd,
+    read_log,
+)
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.timerfd import sleep_until_ns
 from vtick.proto.transport import monotonic_ns
@@ -92,6 +112,8 @@ class ChaosOptions:
     hz: int = 1000
     workload: str = "mixed"
     params: tuple[tuple[str, int], ...] = ()
+    #: issue 13: this many seconds into the run, move the VM to a second host process
+    migrate_at_s: float | None = None
 
     def nemesis(self) -> NemesisParams:
         return NemesisParams(self.vcpus, int(self.duration_s * 1e9), self.faults)
@@ -108,6 +130,7 @@ class ChaosOptions:
             "hz": self.hz,
             "workload": self.workload,
             "params": dict(self.params),
+            "migrate_at_s": self.migrate_at_s,
         }
 
 
@@ -117,7 +140,11 @@ class Execution:
 
     options: ChaosOptions
     schedule: list[FaultOp]
+    #: the one host's event log (a run without migration may give it here) ...
     host_log: LogContents | None = None
+    #: ... or every host's, the one that started the VM first, then the hosts it moved
+    #: to (issue 13); ``history.py`` merges them onto the first host's clock
+    host_logs: list[LogContents] = field(default_factory=list)
     guest_logs: list[LogContents] = field(default_factory=list)
     #: faults as applied: {id, kind, target, pattern, start, end (host ns), pids}
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -149,7 +176,15 @@ class _Run:
         self.incarnation: dict[int, int] = {}
         self.killed: set[int] = set()  # pids the nemesis killed (not a failure)
         self.host: trio.Process | None = None
-        #: the event logs (anonymous files), the host's first
+        #: issue 13: the destination host (--migrate-at), its addresses and its log
+        self.dest: trio.Process | None = None
+        self.incoming = f"ipc://{run_dir}/incoming"
+        self.dest_listen = f"ipc://{run_dir}/dest"
+        self.host_log_fd: int | None = None
+        self.dest_log_fd: int | None = None
+        #: the destination was told to stop (the move failed): its status is no news
+        self.dest_stopped = False
+        #: the event logs (anonymous files)
         self.log_fds: list[int] = []
         self.stderr_fds: dict[str, int] = {}
 
@@ -169,9 +204,69 @@ class _Run:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def results_path(self, role: str = "results") -> str:
+        return os.path.join(self.dir, f"{role}.json")
+
+    def moved(self) -> bool:
+        """Has the destination restored the VM (its log says H_MIGRATE_IN)?  From then
+        on the VM runs there (the source only sends its vCPUs over)."""
+        if self.dest_log_fd is None:
+            return False
+        with contextlib.suppress(OSError, ValueError):
+            return any(r[0] == H_MIGRATE_IN for r in read_log(self.dest_log_fd).records)
+        return False
+
+    def vm_host(self) -> trio.Process | None:
+        """The host process running the VM now (a host-stop stops that one)."""
+        return self.dest if self.moved() else self.host
+
+    def vcpu_listen(self) -> str:
+        """Where a (re)started vCPU process dials: wherever the VM is."""
+        return self.dest_listen if self.moved() else self.listen
+
+    async def start_destination(self) -> trio.Process:
+        """Issue 13: the host the VM moves to; it waits for it on ``self.incoming``."""
+        opts = self.opts
+        assert opts.migrate_at_s is not None
+        log = self._log("destination")
+        self.dest_log_fd = log
+        env = dict(self.env, **{PLAN_ENV: json.dumps({"record_fd": log})})
+        dest = await trio.lowlevel.open_process(
+            _child_cmd(
+                "host",
+                "--incoming",
+                self.incoming,
+                "--listen",
+                self.dest_listen,
+                "--connect-timeout",
+                str(opts.migrate_at_s + RUN_START_TIMEOUT_S + 15),
+                "--report-timeout",
+                str(REPORT_TIMEOUT_S),
+                "--results",
+                self.results_path("destination"),
+                *[a for name in opts.mutations for a in ("--mutate", name)],
+            ),  # fmt: skip
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr("destination"),
+            pass_fds=(log,),
+            start_new_session=True,
+        )
+        self.children.add("destination host", dest)
+        if self.guardian is not None:
+            self.guardian.add(dest.pid)
+        self.dest = dest
+        return dest
+
     async def start_host(self) -> trio.Process:
         opts = self.opts
         log = self._log("host")
+        self.host_log_fd = log
+        migrate = (
+            ["--migrate-at", str(opts.migrate_at_s), "--migrate-to", self.incoming]
+            if opts.migrate_at_s is not None
+            else []
+        )
         env = dict(self.env, **{PLAN_ENV: json.dumps({"record_fd": log})})
         params = [a for k, v in opts.params for a in ("--param", f"{k}={v}")]
         host = await trio.lowlevel.open_process(
@@ -196,8 +291,9 @@ class _Run:
                 "--report-timeout",
                 str(REPORT_TIMEOUT_S),
                 "--results",
-                os.path.join(self.dir, "results.json"),
+                self.results_path(),
                 *[a for name in opts.mutations for a in ("--mutate", name)],
+                *migrate,
                 *params,
             ),  # fmt: skip
             env=env,
@@ -226,7 +322,7 @@ class _Run:
             plan |= guest_plan(schedule, vcpu)
         env = dict(self.env, **{PLAN_ENV: json.dumps(plan)})
         proc = await trio.lowlevel.open_process(
-            _child_cmd("guest", "--connect", self.listen, "--vcpu", str(vcpu)),
+            _child_cmd("guest", "--connect", self.vcpu_listen(), "--vcpu", str(vcpu)),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr(f"vcpu{vcpu}.{inc}"),
@@ -272,7 +368,7 @@ async def _apply(run: _Run, op: FaultOp, t0: int, ex: Execution) -> None:
         "pattern": op.pattern,
     }
     if op.kind in ("stop", "host-stop"):
-        proc = run.host if op.kind == "host-stop" else run.vcpus.get(op.target)
+        proc = run.vm_host() if op.kind == "host-stop" else run.vcpus.get(op.target)
         if proc is None or proc.returncode is not None:
             return
         _signal(proc, signal.SIGSTOP)
@@ -321,11 +417,15 @@ async def execute(opts: ChaosOptions, guardian: Guardian | None = None) -> Execu
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, nursery.cancel_scope, ex)
+            if opts.migrate_at_s is not None:
+                # the destination waits first, so the source can reach it when it moves
+                await _wait_ready(await run.start_destination())
             host = await run.start_host()
             await _wait_ready(host)
             for vcpu in range(opts.vcpus):
                 await run.start_vcpu(vcpu, schedule)
-            t0 = await _wait_run_start(run.log_fds[0], host)
+            assert run.host_log_fd is not None
+            t0 = await _wait_run_start(run.host_log_fd, host)
             ex.run_start = t0
             async with trio.open_nursery() as faults:
                 for vcpu, proc in list(run.vcpus.items()):
@@ -335,8 +435,12 @@ async def execute(opts: ChaosOptions, guardian: Guardian | None = None) -> Execu
                         faults.start_soon(_apply, run, op, t0, ex)
                 with trio.move_on_after(opts.duration_s + HOST_GRACE_S):
                     await host.wait()
+                    if run.dest is not None:
+                        await _finish_destination(run, ex)
                 if host.returncode is None:
                     ex.failure = f"host (pid {host.pid}) still running {HOST_GRACE_S:g} s late"
+                elif run.dest is not None and run.dest.returncode is None and not ex.failure:
+                    ex.failure = f"destination host (pid {run.dest.pid}) still running late"
                 with trio.move_on_after(VCPU_GRACE_S):
                     for proc in list(run.vcpus.values()):
                         await proc.wait()
@@ -372,20 +476,47 @@ async def execute(opts: ChaosOptions, guardian: Guardian | None = None) -> Execu
                     "time": monotonic_ns(),
                 }
             )
+        dest = run.dest
+        # (status 1: its results say not ok, as the source's may after a fault)
+        if dest is not None and dest.returncode not in (0, 1, None) and not run.dest_stopped:
+            ex.exits.append(
+                {
+                    "who": "destination host",
+                    "vcpu": None,
+                    "pid": dest.pid,
+                    "status": dest.returncode,
+                    "time": monotonic_ns(),
+                }
+            )
         _collect(run, ex)
         run.close()
         shutil.rmtree(run_dir, ignore_errors=True)
     return ex
 
 
+async def _finish_destination(run: _Run, ex: Execution) -> None:
+    """Issue 13, after the source ended: a destination that has the VM runs it to the
+    end of the run; one that never got it (the move failed: the source ran the VM on,
+    its results say so) has nothing to run and is told to stop."""
+    dest = run.dest
+    assert dest is not None
+    if not _moved(run.results_path()):
+        run.dest_stopped = True
+        _signal(dest, signal.SIGTERM)
+        await dest.wait()
+        return
+    await dest.wait()
+
+
 def _collect(run: _Run, ex: Execution) -> None:
-    for fd in run.log_fds:
+    host_fds = [fd for fd in (run.host_log_fd, run.dest_log_fd) if fd is not None]
+    for fd in [*host_fds, *(fd for fd in run.log_fds if fd not in host_fds)]:
         try:
             contents = read_log(fd)
         except (OSError, ValueError):
             continue  # a process killed before it opened its log: nothing to read
         if contents.header.get("role") == "host":
-            ex.host_log = contents
+            ex.host_logs.append(contents)  # the source first, then the destination
         else:
             ex.guest_logs.append(contents)
     for name, fd in run.stderr_fds.items():
@@ -395,7 +526,10 @@ def _collect(run: _Run, ex: Execution) -> None:
             text = os.pread(fd, size, max(0, size - 4000)).decode(errors="replace").strip()
         if text:
             ex.stderr[name] = text
-    results = os.path.join(run.dir, "results.json")
+    results = run.results_path()
+    if run.dest is not None:
+        # the destination's after a move (with the source's record), else the source's
+        results = _merge_migration(results, run.results_path("destination"))
     with contextlib.suppress(OSError, ValueError), open(results) as fh:
         ex.results = json.load(fh)
 

@@ -35,6 +35,7 @@ import trio
 
 from vtick.host.chaos.explain import Recording
 from vtick.host.results import write_json
+from vtick.host.topology.migration import merge_migration, moved
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
@@ -182,6 +183,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
             if opts.migrate_at_s is not None:
                 # issue 13: the destination waits first, so the source can reach it
                 incoming = f"ipc://{run_dir}/incoming"
+                dest_plan = recording.host() if recording else ({}, ())  # its own log
                 dest = await trio.lowlevel.open_process(
                     _child_cmd(
                         "host",
@@ -195,7 +197,8 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                         dest_results,
                         *(["--allow-insecure-tcp"] if opts.allow_insecure_tcp else []),
                     ),
-                    env=env,
+                    env=env | dest_plan[0],
+                    pass_fds=dest_plan[1],
                     stdout=subprocess.PIPE,
                     start_new_session=True,
                 )
@@ -325,35 +328,26 @@ def _moved(source_results: str) -> bool:
     """Did the source hand its VM over (its results say so)?"""
     try:
         with open(source_results) as fh:
-            return bool(json.load(fh).get("migration", {}).get("ok"))
-    except (OSError, ValueError, AttributeError):
+            return moved(json.load(fh))
+    except (OSError, ValueError):
         return False
 
 
 def _merge_migration(source_path: str, dest_path: str) -> str:
     """The run's results after a migration: the destination's (it collected every
     vCPU's report), with the source's own record and per-vCPU host figures under
-    ``migration.source``; the source's alone if the VM never moved."""
+    ``migration.source``; the source's alone if the VM never moved
+    (host/topology/migration.py, shared with a topology's migration step)."""
     try:
         with open(source_path) as fh:
             source = json.load(fh)
     except (OSError, ValueError):
         return source_path
-    if not _moved(source_path) or not os.path.exists(dest_path):
+    if not moved(source) or not os.path.exists(dest_path):
         return source_path
     with open(dest_path) as fh:
         dest = json.load(fh)
-    dest.setdefault("migration", {})["source"] = {
-        "record": source.get("migration"),
-        "ok": source.get("ok"),
-        "wall_ns": source.get("wall_ns"),
-        "vcpus": [
-            {k: v.get(k) for k in ("vcpu", "host_exits", "link_errors", "frozen_frames", "link")}
-            for v in source.get("vcpus", [])
-        ],
-    }
-    dest["ok"] = bool(dest.get("ok")) and bool(source.get("ok"))
-    write_json(dest_path, dest)
+    write_json(dest_path, merge_migration(source, dest))
     os.remove(source_path)
     return dest_path
 

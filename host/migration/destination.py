@@ -49,6 +49,7 @@ from vtick.host.migration.channel import (
     ChannelError,
 )
 from vtick.host.migration.state import MigrationError, decode_state, restore_vm, tsc_model_for
+from vtick.host.mutations import MUTATIONS
 from vtick.host.server import Host, HostConfig, LinkState, check_exposure, run_host
 from vtick.proto import messages as m
 from vtick.proto.abi import Feature
@@ -84,6 +85,12 @@ async def serve_incoming(
 
             async def run_until_end(host: Host) -> None:
                 host.migration = {"migration": record}
+                # what the restore queued (kvmclock re-published, timers that came due
+                # in the blackout, a halted vCPU's wake-up) goes into the links now: it
+                # reaches each vCPU right after its resume handshake.  Left queued, it
+                # waited for the next exit or timer of any vCPU (a timer 1.5 s late
+                # on an idle VM, found by `vtick bench migration`).
+                host.run_actions()
                 channel.send({"m": READY, "listen": cfg.listen})
                 record["ready_at_ns"] = monotonic_ns()
                 host.migration_summary = lambda: blackout(host, record)  # after the reports
@@ -190,11 +197,20 @@ def _restore(cfg: HostConfig, msg: dict[str, Any]) -> tuple[Host, Any, int, dict
         params=dict(conf["params"]),
         max_message=conf["max_message"],
         trace=bool(conf.get("trace")),
+        exit_cost=conf.get("exit_cost"),
+        timer_advance=bool(conf.get("timer_advance")),
+        mutations=tuple(conf.get("mutations", ())),
         duration_s=msg["remaining_ns"] / 1e9,
         announce=False,
     )
     stores = [decode(blob, conf["max_message"]).msg for blob in msg["stores"]]
-    host = Host(vm_cfg, tsc=tsc_model_for(state, now, offset))
+    unknown = [name for name in vm_cfg.mutations if name not in MUTATIONS]
+    if unknown:
+        raise MigrationError(f"the VM carries mutation {unknown[0]!r}, unknown to this vtick")
+    try:
+        host = Host(vm_cfg, tsc=tsc_model_for(state, now, offset))
+    except (OSError, ValueError) as exc:  # an exit-cost profile this machine lacks, ...
+        raise MigrationError(f"cannot build the VM here: {exc}") from None
     restored = restore_vm(state, host.machine, now)
     frozen_here = msg["frozen_at"] + offset  # the source's freeze on this host's clock
     record: dict[str, Any] = {
@@ -241,6 +257,8 @@ def blackout(host: Host, record: dict[str, Any]) -> dict[str, Any]:
     * ``blackout_vcpu_ns``: the same per vCPU (a halted vCPU's includes its idle time:
       its first exit here comes when it wakes);
     * ``blackout_resume_ns``: per vCPU, from the freeze to its resume handshake here;
+    * ``blackout_downtime_ns``: the freeze to the last vCPU resumed (the VM could not
+      run at all), which ``blackout_ns`` exceeds when a vCPU idles in HLT after it;
     * ``blackout_phases_ns``: freeze to ready (copy, transfer, restore) and ready to the
       last vCPU resumed;
     * ``blackout_state_bytes``; the timers in flight across the move are added by the
@@ -259,7 +277,14 @@ def blackout(host: Host, record: dict[str, Any]) -> dict[str, Any]:
             resumed[v] - record["frozen_at_ns"] if v in resumed else None
             for v in range(len(host.links))
         ],
+        # the time the VM could not run at all: the freeze to the last vCPU resumed here
+        # (blackout_ns also counts how long an idle vCPU took to make its next exit)
+        "blackout_downtime_ns": (max(resumed.values()) - record["frozen_at_ns"])
+        if len(resumed) == len(host.links)
+        else None,
         "blackout_phases_ns": {
+            # save, transfer and restore; a LAPIC count runs again from the restore
+            "freeze_to_restored": record["restored_at_ns"] - record["frozen_at_ns"],
             "freeze_to_ready": record["ready_at_ns"] - record["frozen_at_ns"],
             "ready_to_resumed": (max(resumed.values()) - record["ready_at_ns"])
             if len(resumed) == len(host.links)
@@ -280,4 +305,13 @@ def late_timers(host: Host) -> dict[str, Any]:
         "blackout_late_max_ns": max(c.get("migration_late_max_ns", 0) for c in counters),
         "blackout_late_vcpu_p50_ns": [c.get("migration_late_p50_ns") for c in counters],
         "blackout_late_vcpu_p99_ns": [c.get("migration_late_p99_ns") for c in counters],
+        # the ones due after the resume: on time for an absolute expiry, late by the
+        # blackout for a LAPIC count that paused through it
+        "blackout_spanning_timers": sum(c.get("migration_spanning_timers", 0) for c in counters),
+        "blackout_spanning_late_max_ns": max(
+            c.get("migration_spanning_late_max_ns", 0) for c in counters
+        ),
+        "blackout_spanning_late_vcpu_p50_ns": [
+            c.get("migration_spanning_late_p50_ns") for c in counters
+        ],
     }

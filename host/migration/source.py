@@ -163,6 +163,12 @@ def _state_message(
             config[key] = getattr(cfg, key)
     if cfg.trace:
         config["trace"] = True
+    if cfg.exit_cost is not None:
+        config["exit_cost"] = cfg.exit_cost
+    if cfg.timer_advance:
+        config["timer_advance"] = True
+    if cfg.mutations:
+        config["mutations"] = list(cfg.mutations)
     links = [
         {
             "vcpu": vl.vcpu,

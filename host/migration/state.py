@@ -13,7 +13,10 @@ VM-wide devices (kvmclock's wall clock, the PIT) and per vCPU: negotiated featur
 deferred exit-hlt, PV EOI, the LAPIC (registers, IRR/ISR/TMR, APIC_BASE, the timer),
 the actions queued and not yet sent, the per-vCPU device state (kvmclock MSR, PV timer
 expiry, VMI alarm), chaos-history ids, and the link's sequence state with the
-unacknowledged frames.  Counters that are only statistics stay behind.
+unacknowledged frames.  Statistics counters travel too (``stats``: the LAPIC's, the
+injections, the devices'), though nothing behaves differently for them: the run's
+results and the chaos checker ``lapic-consistent`` (injections = EOIs + vectors in
+service) read them as whole-run figures, so the destination's continue the source's.
 
 **Why every time is guest-relative.**  The destination's CLOCK_MONOTONIC is another
 clock (another machine: an offset; even on one machine: a later moment), so a source
@@ -70,7 +73,7 @@ from typing import Any
 
 import cbor2
 
-from vtick.host.machine import Machine
+from vtick.host.machine import Machine, counters_of, load_counters
 from vtick.proto.link import Link
 from vtick.proto.pvclock import PvclockInfo, TscModel
 from vtick.proto.schema import SchemaError, ValidationError, load_schema
@@ -93,6 +96,8 @@ RULE = "vm-state"
 KNOWN_DEVICES = frozenset({"kvmclock", "pvtimer", "vmi-alarm", "pit", "pvapic"})
 #: per-vCPU device state: Machine.devices name -> vcpu-devices key
 _VCPU_DEVICES = {"kvmclock": "kvmclock", "pvtimer": "pvtimer", "vmi-alarm": "vmi_alarm"}
+#: planted bug (host/mutations.py): the destination does not re-arm the restored timers
+DROP_TIMERS = "migration-drops-timers"
 
 _SCHEMA = load_schema()  # read once at import, like the codec's
 
@@ -166,6 +171,11 @@ def save_vm(
         vm_devices["pit"] = devices["pit"].save(now)
     if "pvapic" in devices:
         vm_devices["pvapic"] = {}
+    vm_stats = {
+        name: counters_of(dev.stats)
+        for name, dev in sorted(devices.items())
+        if getattr(dev, "stats", None) is not None and not isinstance(dev.stats, list)
+    }
     vcpus: list[dict[str, Any]] = []
     for vs in machine.vcpus:
         entry = vs.save(now)
@@ -173,6 +183,13 @@ def save_vm(
             key: devices[name].save_vcpu(vs.vcpu, now)
             for name, key in _VCPU_DEVICES.items()
             if name in devices
+        }
+        entry["stats"] = vs.save_stats() | {
+            "devices": {
+                name: counters_of(dev.stats[vs.vcpu])
+                for name, dev in sorted(devices.items())
+                if isinstance(getattr(dev, "stats", None), list)
+            }
         }
         if vs.vcpu in links:
             entry["link"] = {"session": sessions[vs.vcpu], **links[vs.vcpu].snapshot()}
@@ -190,6 +207,7 @@ def save_vm(
             "pvclock": [vs.pvclock.to_wire() for vs in machine.vcpus],
         },
         "devices": vm_devices,
+        "stats": vm_stats,
         "vcpu": vcpus,
     }
     _validate(state)
@@ -299,6 +317,7 @@ def restore_vm(state: dict[str, Any], machine: Machine, now: int) -> dict[int, t
     if lacking:
         raise MigrationError(f"the VM has {', '.join(lacking)}; the destination machine has none")
     try:
+        _restore_stats(state, machine)  # first: what the restore itself counts adds to them
         for vs, saved, info in zip(machine.vcpus, saved_vcpus, clock["pvclock"], strict=True):
             vs.pvclock = PvclockInfo.from_wire(info)
             vs.restore(saved, now)
@@ -306,13 +325,21 @@ def restore_vm(state: dict[str, Any], machine: Machine, now: int) -> dict[int, t
             devices["kvmclock"].restore(state["devices"]["kvmclock"], now)
         if "pit" in state["devices"]:
             devices["pit"].restore(state["devices"]["pit"], now)
+        drop = machine.mutations.on(DROP_TIMERS)
         for saved in saved_vcpus:
             for name, key in _VCPU_DEVICES.items():
+                if drop and name in ("pvtimer", "vmi-alarm"):
+                    continue  # planted bug: the device forgets its armed expiry
                 if key in saved["devices"]:
                     devices[name].restore_vcpu(saved["vcpu"], saved["devices"][key], now)
         if "kvmclock" in devices:
             # new kvmclock parameters (new version) before the vCPUs run again
             devices["kvmclock"].republish_all(now)
+        if drop:
+            # planted bug: every host timer the restore re-armed is dropped (a guest timer
+            # armed on the source never fires here)
+            for handle in list(machine._timer_callbacks):
+                machine.hrtimers.cancel(handle)
         machine.on_timer(now)  # what came due during the blackout fires at resume
         links: dict[int, tuple[Link, int]] = {}
         for saved in saved_vcpus:
@@ -323,3 +350,22 @@ def restore_vm(state: dict[str, Any], machine: Machine, now: int) -> dict[int, t
     except (ValueError, KeyError, IndexError) as exc:
         raise MigrationError(f"cannot restore the VM: {exc}") from exc
     return links
+
+
+def _restore_stats(state: dict[str, Any], machine: Machine) -> None:
+    """The source's statistics counters into the fresh ``machine`` (absent in a blob that
+    carries none: they then start at zero, as before)."""
+    devices = machine.devices
+    for name, counts in state.get("stats", {}).items():
+        dev = devices.get(name)
+        if dev is not None and getattr(dev, "stats", None) is not None:
+            load_counters(dev.stats, counts)
+    for vs, saved in zip(machine.vcpus, state["vcpu"], strict=True):
+        stats = saved.get("stats")
+        if stats is None:
+            continue
+        vs.restore_stats(stats)
+        for name, counts in stats["devices"].items():
+            dev = devices.get(name)
+            if dev is not None and isinstance(getattr(dev, "stats", None), list):
+                load_counters(dev.stats[vs.vcpu], counts)

@@ -50,13 +50,16 @@ class MachineCheck:
 
 
 def _ports_for(topo: Topology, machine: str) -> dict[str, list[int]]:
-    """address -> ports the VMs hosted on ``machine`` will listen on."""
+    """address -> ports the VMs hosted on ``machine`` (and the migration destinations
+    there) will listen on."""
     out: dict[str, list[int]] = {}
+    address = topo.machines[machine].address or "127.0.0.1"
     for vm in topo.vms:
-        if vm.host != machine or vm.transport == "ipc" or vm.port is None:
-            continue
-        address = topo.machines[machine].address or "127.0.0.1"
-        out.setdefault(address, []).extend(range(vm.port, vm.port + vm.vcpus))
+        if vm.host == machine and vm.transport != "ipc" and vm.port is not None:
+            out.setdefault(address, []).extend(range(vm.port, vm.port + vm.vcpus))
+        mig = vm.migration  # issue 13: a destination's links and incoming channel
+        if mig is not None and mig.to == machine and mig.transport != "ipc" and mig.port:
+            out.setdefault(address, []).extend(range(mig.port, mig.port + vm.vcpus + 1))
     return out
 
 

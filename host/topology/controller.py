@@ -44,6 +44,7 @@ from typing import Any
 import trio
 
 from vtick.host.topology import spec as specmod
+from vtick.host.topology.migration import merge_migration, moved
 from vtick.host.topology.netns import Network, NetworkError, netns_problem
 from vtick.host.topology.remote import AgentHandle, RemoteError, SshControl
 from vtick.host.topology.spec import Topology, TopologyError, Vm
@@ -55,6 +56,9 @@ __all__ = ["topology_main", "run_topology", "VmRun", "TopologyRunFailed"]
 HOST_GRACE_S = 60.0
 #: the vCPUs still running once their host exited are given this long to follow
 VCPU_FOLLOW_S = 10.0
+#: a migration's destination waits this long beyond ``migrate_at`` for the VM: the
+#: source's READY (15 s) and its vCPUs' connect timeout (30 s), plus slack
+DEST_WAIT_S = 60.0
 
 
 class TopologyRunFailed(Exception):
@@ -71,6 +75,7 @@ class VmRun:
         self.agents = agents
         self.tag = f"{vm.name}.{phase}"
         self.results_name = f"{self.tag}.results.json"
+        self.dest_results_name = f"{self.tag}.dest.results.json"
         #: (machine, process id) of every process started
         self.started: list[tuple[str, str]] = []
 
@@ -107,8 +112,39 @@ class VmRun:
             argv += ["--clock-drift-ppm", repr(self.vm.clock.drift_ppm)]
         return argv
 
+    def dest_argv(
+        self, python: str, listen: str, incoming: str, exit_cost: str | None
+    ) -> list[str]:
+        """Issue 13: the destination host: it waits on ``incoming`` for the VM (its
+        configuration comes with the state) and then serves the vCPUs on ``listen``."""
+        mig = self.vm.migration
+        assert mig is not None
+        argv = [
+            python, "-m", "vtick.host", "host",
+            "--incoming", incoming,
+            "--listen", listen,
+            # the source starts after our READY, then waits up to 30 s for its vCPUs
+            "--connect-timeout", repr(mig.at_s + DEST_WAIT_S),
+            "--results", f"{{run}}/{self.dest_results_name}",
+        ]  # fmt: skip
+        if exit_cost:  # not part of the VM's state: each host models its own exits
+            argv += ["--exit-cost", exit_cost]
+        if self.topo.allow_insecure_tcp:
+            argv.append("--allow-insecure-tcp")
+        return argv
+
+    async def _put_exit_cost(self, agent: AgentHandle) -> str | None:
+        """The VM's exit-cost profile as ``--exit-cost`` takes it on ``agent``'s machine
+        (a profile file here is copied there)."""
+        exit_cost = self.vm.exit_cost
+        if exit_cost and (text := _file_text(exit_cost)) is not None:
+            reply = await agent.request("put", name=f"{self.tag}.exitcost.toml", text=text)
+            return str(reply["path"])
+        return exit_cost
+
     async def run(self) -> dict[str, Any]:
-        """Start, supervise and collect; returns the host's results.
+        """Start, supervise and collect; returns the host's results (after a migration,
+        the destination's with the source's record under ``migration.source``).
 
         Raises:
             RemoteError: this VM's run failed (the message says which process and why).
@@ -119,27 +155,49 @@ class VmRun:
         url = topo.listen_url(vm)
         host_env = {"VTICK_TOKEN": token}
         guest_env = {"VTICK_TOKEN": token}
-        if vm.transport == "tls":
+        tls = vm.transport == "tls" or (
+            vm.migration is not None and vm.migration.transport == "tls"
+        )
+        if tls:
             host_env[TLS_CERT_ENV] = "{run}/vtick-cert.pem"
             host_env[TLS_KEY_ENV] = "{run}/vtick-key.pem"
+            # a source host dials its destination's tls+tcp:// incoming channel
+            host_env[TLS_CA_ENV] = "{run}/vtick-cert.pem"
             guest_env[TLS_CA_ENV] = "{run}/vtick-cert.pem"
-        exit_cost = vm.exit_cost
-        if exit_cost and (text := _file_text(exit_cost)) is not None:
-            # the profile is a file here: the host's machine gets a copy
-            reply = await host_agent.request("put", name=f"{self.tag}.exitcost.toml", text=text)
-            exit_cost = str(reply["path"])
         host_id = f"{self.tag}.host"
         failure: list[str] = []
+        migration_args: list[str] = []
+        dest: tuple[AgentHandle, str] | None = None
         try:
+            if vm.migration is not None:
+                # issue 13: the destination waits first, so the source can reach it
+                dest_agent = self.agents[vm.migration.to]
+                listen, incoming = topo.migration_urls(vm)
+                dest_id = f"{self.tag}.dest"
+                dest = (dest_agent, dest_id)
+                self.started.append((vm.migration.to, dest_id))
+                reply = await dest_agent.request(
+                    "start",
+                    id=dest_id,
+                    argv=self.dest_argv(
+                        dest_agent.python, listen, incoming, await self._put_exit_cost(dest_agent)
+                    ),
+                    env=host_env,
+                    ready=True,
+                )
+                # "READY URL": ipc's {run} is filled in there, and is the same agent's
+                incoming = str(reply["ready"]).split(" ", 1)[-1]
+                migration_args = ["--migrate-at", repr(vm.migration.at_s), "--migrate-to", incoming]
             self.started.append((vm.host, host_id))
             await host_agent.request(
                 "start",
                 id=host_id,
-                argv=self.host_argv(host_agent.python, url, exit_cost),
+                argv=self.host_argv(host_agent.python, url, await self._put_exit_cost(host_agent))
+                + migration_args,
                 env=host_env,
                 ready=True,
             )
-            await self._supervise(host_agent, host_id, url, guest_env, failure)
+            await self._supervise(host_agent, host_id, url, guest_env, failure, dest)
         finally:
             await self.stop()
         try:
@@ -149,6 +207,14 @@ class VmRun:
             status = host_agent.exits.get(host_id)
             why = failure[0] if failure else f"host wrote no results ({exc})"
             raise RemoteError(f"VM {vm.name}: {why} (host status {status})") from None
+        if dest is not None and moved(results):
+            try:
+                reply = await dest[0].request("fetch", path=f"{{run}}/{self.dest_results_name}")
+                results = merge_migration(results, json.loads(reply["text"]))
+            except (RemoteError, ValueError) as exc:
+                status = dest[0].exits.get(dest[1])
+                why = failure[0] if failure else f"destination host wrote no results ({exc})"
+                raise RemoteError(f"VM {vm.name}: {why} (destination status {status})") from None
         if failure:
             raise RemoteError(f"VM {vm.name}: {failure[0]}")
         return results
@@ -160,8 +226,10 @@ class VmRun:
         url: str,
         guest_env: dict[str, str],
         failure: list[str],
+        dest: tuple[AgentHandle, str] | None = None,
     ) -> None:
-        """Start the vCPUs and wait for the host to finish (or a vCPU to fail)."""
+        """Start the vCPUs and wait for the host to finish (or a vCPU to fail); with a
+        migration, then for the destination (or stop it when the VM never moved)."""
         vm, topo = self.vm, self.topo
         async with trio.open_nursery() as nursery:
             for machine in vm.machines():
@@ -177,10 +245,19 @@ class VmRun:
                 status = await host_agent.wait_exit(host_id)
                 if status is None and not failure:
                     failure.append(f"{host_agent.where()}: the agent went away")
+                if dest is not None and status is not None:
+                    problem = await self._wait_destination(host_agent, dest)
+                    if problem and not failure:
+                        failure.append(problem)
             if host_id not in host_agent.exits and not failure:
                 failure.append(
                     f"host stopped answering: still running {HOST_GRACE_S:g} s after the "
                     f"run's {topo.duration_s:g} s"
+                )
+            if dest is not None and dest[1] not in dest[0].exits and not failure:
+                failure.append(
+                    f"destination host on machine {dest[0].name} stopped answering: still "
+                    f"running {HOST_GRACE_S:g} s after the run's {topo.duration_s:g} s"
                 )
             if failure:
                 nursery.cancel_scope.cancel()
@@ -188,6 +265,29 @@ class VmRun:
                 for machine, pid in self.started:
                     await self.agents[machine].wait_exit(pid)
             nursery.cancel_scope.cancel()
+
+    async def _wait_destination(
+        self, host_agent: AgentHandle, dest: tuple[AgentHandle, str]
+    ) -> str | None:
+        """Issue 13, once the source exited: after a move the destination runs the VM to
+        the end of the run; when the move failed (the source ran the VM itself) it has
+        nothing to run and is stopped.  Returns what went wrong."""
+        agent, dest_id = dest
+        try:
+            reply = await host_agent.request("fetch", path=f"{{run}}/{self.results_name}")
+            source = json.loads(reply["text"])
+        except (RemoteError, ValueError):
+            source = None
+        if not moved(source):
+            if dest_id not in agent.exits:
+                await agent.request("stop", ids=[dest_id])
+            return None
+        status = await agent.wait_exit(dest_id)
+        if status is None:
+            return f"{agent.where()}: the agent went away"
+        if status != 0:
+            return f"destination host on machine {agent.name} {_status(status)}"
+        return None
 
     async def _watch(
         self,
@@ -329,7 +429,7 @@ async def run_topology(
 
 
 def _vm_entry(topo: Topology, vm: Vm) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "name": vm.name,
         "host": vm.host,
         "placement": {m: vm.vcpus_on(m) for m in vm.machines() if vm.vcpus_on(m)},
@@ -350,6 +450,16 @@ def _vm_entry(topo: Topology, vm: Vm) -> dict[str, Any]:
             "duration_s": topo.duration_s,
         },
     }
+    if vm.migration is not None:
+        listen, incoming = topo.migration_urls(vm, "<run dir>")
+        entry["migration"] = {
+            "at_s": vm.migration.at_s,
+            "to": vm.migration.to,
+            "transport": vm.migration.transport,
+            "url": listen,
+            "incoming": incoming,
+        }
+    return entry
 
 
 def _finish(entry: dict[str, Any]) -> dict[str, Any]:

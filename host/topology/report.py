@@ -7,7 +7,9 @@ puts each VM's run beside the others against the same VM run alone: events/s, la
 (or call latency) p99, host µs per event and the exit round trip, with the ratio
 together/alone (for events/s alone/together, so > 1 always means "slowed").  The clock
 table lists every link whose clocks were not one: the tracked offset, drift, error
-bound and corrections (host/topology/clocktrack.py).
+bound and corrections (host/topology/clocktrack.py).  A VM that migrates (issue 13) gets a
+row in the migration table: whether it moved and its ``blackout_*`` figures
+(host/migration/destination.py), or why the move failed (the VM then ran on at its source).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rich.text import Text
 
 from vtick.host.lab.report import comparison_tables, duration_text
 
-__all__ = ["print_topology", "vm_campaign"]
+__all__ = ["print_topology", "vm_campaign", "migration_table"]
 
 
 def vm_campaign(vm: dict[str, Any]) -> dict[str, Any]:
@@ -55,9 +57,11 @@ def _headline(vm: dict[str, Any]) -> Text:
         f"vCPU {_ranges(ids)} on {machine}" for machine, ids in vm["placement"].items()
     )
     what = cfg["workload"] if cfg["workload"] != "timers" else f"{cfg['mode']} timers"
+    mig = vm.get("migration")
+    moves = f"; moves to {mig['to']} at {mig['at_s']:g} s over {mig['transport']}" if mig else ""
     return Text(
         f"VM {vm['name']}: {what}, {cfg['vcpus']} vCPUs; host on {vm['host']}; {where}; "
-        f"{vm['transport']}",
+        f"{vm['transport']}{moves}",
         style="bold",
     )
 
@@ -151,6 +155,52 @@ def clock_table(vms: list[dict[str, Any]]) -> Table | None:
     return table
 
 
+def migration_table(vms: list[dict[str, Any]]) -> Table | None:
+    """One row per VM that migrates: did it move, its blackout and what the move delayed."""
+    rows = [vm for vm in vms if vm.get("migration")]
+    if not rows:
+        return None
+    table = Table(title="Migrations (issue 13)", title_justify="left")
+    for title in ("VM", "move", "at", "moved"):
+        table.add_column(title, justify="left" if title != "at" else "right")
+    for title in (
+        "blackout",
+        "freeze to ready",
+        "ready to resumed",
+        "state",
+        "late timers",
+        "late max",
+    ):
+        table.add_column(title, justify="right")
+    for vm in rows:
+        mig = vm["migration"]
+        move = f"{vm['host']} -> {mig['to']} ({mig['transport']})"
+        res = vm.get("results")
+        if res is None:
+            table.add_row(vm["name"], move, f"{mig['at_s']:g}s", Text("no run", style="red"))
+            continue
+        record = res.get("migration") or {}
+        if record.get("role") != "destination":
+            why = record.get("error") or "the source never tried"
+            table.add_row(vm["name"], move, f"{mig['at_s']:g}s", Text(f"no: {why}", style="red"))
+            continue
+        phases = res.get("blackout_phases_ns") or {}
+        size = res.get("blackout_state_bytes")
+        table.add_row(
+            vm["name"],
+            move,
+            f"{mig['at_s']:g}s",
+            Text("yes", style="green"),
+            duration_text(res.get("blackout_ns")),
+            duration_text(phases.get("freeze_to_ready")),
+            duration_text(phases.get("ready_to_resumed")),
+            "-" if size is None else f"{size / 1e3:.1f} KB",
+            str(res.get("blackout_late_timers", "-")),
+            duration_text(res.get("blackout_late_max_ns")),
+        )
+    return table
+
+
 def print_topology(doc: dict[str, Any], console: Console, wide: bool | None = None) -> None:
     """Each VM's table, the interference and clock tables, the status line."""
     for vm in doc["vms"]:
@@ -169,6 +219,9 @@ def print_topology(doc: dict[str, Any], console: Console, wide: bool | None = No
             "slowed: events/s alone / together; the other ratios together / alone "
             "(> 1: worse beside the other VMs)"
         )
+    moves = migration_table(doc["vms"])
+    if moves is not None:
+        console.print(moves)
     clocks = clock_table(doc["vms"])
     if clocks is not None:
         console.print(clocks)

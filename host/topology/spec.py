@@ -22,6 +22,17 @@ process, namespace or connection exists.
 Ports: a tcp/tls VM listens on ``port .. port + vcpus - 1`` (one Pair0 socket per vCPU,
 docs/protocol.md section 1.2).  A VM that gives no port gets the first free range from
 ``DEFAULT_PORT`` on its host's address, after the explicit ones.
+
+Migration (issue 13): a VM with ``migrate_at`` and ``migrate_to`` moves, that many seconds
+into its run, to a destination host process on machine ``migrate_to`` (:class:`Migration`).
+After the move the vCPUs' host is the destination, so the transport rule applies again
+with the destination as the host: ipc only when the source host, the destination and every
+vCPU share one machine and the VM is ipc; otherwise the VM's tcp or tls (tcp, or tls with a
+[tls] table, for an ipc VM that moves away: its vCPUs take up TLS when they redial).
+A tcp/tls destination listens for the vCPUs
+on ``migrate_port .. migrate_port + vcpus - 1`` of its machine's address and for the source
+host (its ``--incoming`` channel) on ``migrate_port + vcpus``; those ports take part in the
+clash check like a VM's, on the destination machine's network stack.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ __all__ = [
     "GuestClock",
     "Vm",
     "TlsFiles",
+    "Migration",
     "Topology",
     "load",
     "loads",
@@ -128,6 +140,20 @@ class GuestClock:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """Issue 13: where and when a VM moves (``migrate_at``, ``migrate_to``, ``migrate_port``)."""
+
+    #: seconds into the run (once every vCPU connected), strictly inside the duration
+    at_s: float
+    #: machine of the destination host process
+    to: str
+    #: "ipc", "tcp" or "tls": the destination's vCPU links and its incoming channel
+    transport: str
+    #: tcp/tls: vCPU links on port..port+vcpus-1, the incoming channel on port+vcpus
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class Vm:
     name: str
     #: machine of the host process
@@ -147,10 +173,15 @@ class Vm:
     #: vCPU index -> machine name, every vCPU exactly once
     placement: dict[int, str] = field(default_factory=dict)
     clock: GuestClock = field(default_factory=GuestClock)
+    #: issue 13: the move to another host process during the run (None: it stays)
+    migration: Migration | None = None
 
     def machines(self) -> list[str]:
-        """The machines this VM uses, its host's first."""
-        others = sorted(set(self.placement.values()) - {self.host})
+        """The machines this VM uses, its host's first (a migration's destination too)."""
+        used = set(self.placement.values())
+        if self.migration is not None:
+            used.add(self.migration.to)
+        others = sorted(used - {self.host})
         return [self.host, *others]
 
     def vcpus_on(self, machine: str) -> list[int]:
@@ -194,6 +225,23 @@ class Topology:
             address = f"[{address}]"
         scheme = "tls+tcp" if vm.transport == "tls" else "tcp"
         return f"{scheme}://{address}:{vm.port}"
+
+    def migration_urls(self, vm: Vm, run_dir: str = "{run}") -> tuple[str, str]:
+        """The destination host's (``--listen`` base URL, ``--incoming`` URL) of a VM that
+        migrates (``{run}``: the destination agent's run directory, for ipc)."""
+        mig = vm.migration
+        assert mig is not None
+        if mig.transport == "ipc":
+            return f"ipc://{run_dir}/{vm.name}.dest.link", f"ipc://{run_dir}/{vm.name}.incoming"
+        assert mig.port is not None
+        address = self.machines[mig.to].address or "127.0.0.1"
+        if ":" in address:
+            address = f"[{address}]"
+        scheme = "tls+tcp" if mig.transport == "tls" else "tcp"
+        return (
+            f"{scheme}://{address}:{mig.port}",
+            f"{scheme}://{address}:{mig.port + vm.vcpus}",
+        )
 
     def needs_root(self) -> list[str]:
         """Why this topology needs root, one reason per netns machine (empty if none)."""
@@ -323,7 +371,7 @@ class _Reader:
         if not raw_vms:
             raise self.fail("top level", "no VM: add at least one [[vms]] table")
         tls = self.tls(self.get(data, "tls", "top level", dict, None, "a table"))
-        vms = [self.vm(v, i, machines, tls is not None) for i, v in enumerate(raw_vms)]
+        vms = [self.vm(v, i, machines, tls is not None, duration) for i, v in enumerate(raw_vms)]
         names = [vm.name for vm in vms]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -467,7 +515,9 @@ class _Reader:
             pems.append(pem)
         return TlsFiles(cert_path, key_path, pems[0], pems[1])
 
-    def vm(self, raw: Any, index: int, machines: dict[str, Machine], tls: bool) -> Vm:
+    def vm(
+        self, raw: Any, index: int, machines: dict[str, Machine], tls: bool, duration: float
+    ) -> Vm:
         where = f"vms[{index}]"
         if not isinstance(raw, dict):
             raise self.fail(where, f"expected a table, got {raw!r}")
@@ -492,6 +542,9 @@ class _Reader:
                 "place",
                 "clock_skew_ns",
                 "clock_drift_ppm",
+                "migrate_at",
+                "migrate_to",
+                "migrate_port",
             ),
         )
         name = self.get(raw, "name", where, str, f"vm{index}")
@@ -547,6 +600,13 @@ class _Reader:
             raise self.fail(f"{where}.port", "an ipc VM has no ports (transport = tcp or tls)")
         if port is not None and port + vcpus - 1 > 65535:
             raise self.fail(f"{where}.port", f"{port}+{vcpus - 1} is beyond 65535")
+        migration = self.migration(raw, where, vcpus, host, placement, transport, machines, tls)
+        if migration is not None and not 0 < migration.at_s < duration:
+            raise self.fail(
+                f"{where}.migrate_at",
+                f"{migration.at_s:g} s is not inside the run's duration: give 0 < migrate_at "
+                f"< {duration:g}",
+            )
         drift = self.get(raw, "clock_drift_ppm", where, float, 0.0, "ppm")
         if not -100_000 <= drift <= 100_000:
             raise self.fail(f"{where}.clock_drift_ppm", f"{drift:g} is beyond +-100000 ppm")
@@ -569,7 +629,55 @@ class _Reader:
                 skew_ns=self.int_in(raw, "clock_skew_ns", where, -(10**15), 10**15, 0),
                 drift_ppm=drift,
             ),
+            migration=migration,
         )
+
+    def migration(
+        self,
+        raw: dict[str, Any],
+        where: str,
+        vcpus: int,
+        host: str,
+        placement: dict[int, str],
+        transport: str,
+        machines: dict[str, Machine],
+        tls: bool,
+    ) -> Migration | None:
+        """The VM's move (issue 13), or None; the transport rule with the destination as
+        the vCPUs' host."""
+        at = self.get(raw, "migrate_at", where, float, None, "seconds")
+        to = self.get(raw, "migrate_to", where, str, None, "a machine name")
+        port = self.int_in(raw, "migrate_port", where, 1, 65535, None)
+        if at is None and to is None:
+            if port is not None:
+                raise self.fail(f"{where}.migrate_port", "only with migrate_at and migrate_to")
+            return None
+        if at is None or to is None:
+            missing = "migrate_to" if to is None else "migrate_at"
+            raise self.fail(where, f"migrate_at and migrate_to go together: add {missing}")
+        if to not in machines:
+            raise self.fail(f"{where}.migrate_to", f"no machine {to!r} ({_known(machines)})")
+        one_machine = transport == "ipc" and to == host
+        if one_machine:
+            dest = "ipc"
+        elif transport != "ipc":
+            dest = transport
+        else:
+            dest = "tls" if tls else "tcp"  # (PairEndpoint.redial configures TLS)
+        crosses = to != host or any(m != to for m in placement.values())
+        if dest != "ipc" and crosses and machines[to].address is None:
+            raise self.fail(
+                where,
+                f"it migrates to machine {to} over {dest}: give machines.{to} an address",
+            )
+        if port is not None and dest == "ipc":
+            raise self.fail(
+                f"{where}.migrate_port",
+                "an ipc move has no ports (the source, destination and vCPUs share a machine)",
+            )
+        if port is not None and port + vcpus > 65535:
+            raise self.fail(f"{where}.migrate_port", f"{port}+{vcpus} is beyond 65535")
+        return Migration(at_s=at, to=to, transport=dest, port=port)
 
     def params(self, raw: dict[str, Any], where: str, workload: str) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -659,13 +767,14 @@ class _Reader:
         return out
 
     def ports(self, vms: list[Vm], machines: dict[str, Machine]) -> list[Vm]:
-        """Give port-less tcp/tls VMs free ranges; refuse ranges that clash on an address."""
+        """Give port-less tcp/tls VMs (and migration destinations) free ranges; refuse
+        ranges that clash on one network stack."""
         taken: dict[str, list[tuple[int, int, str]]] = {}
 
-        def where_of(vm: Vm) -> str:
+        def stack_of(machine: str) -> str:
             # machines that share this machine's network stack share its ports: every
             # local-kind machine is one stack (this machine's)
-            m = machines[vm.host]
+            m = machines[machine]
             if m.kind == "netns" and m.netns is not None:
                 return f"netns {m.netns}"
             return f"ssh {m.name}" if m.kind == "ssh" else "local"
@@ -673,46 +782,70 @@ class _Reader:
         def clash(stack: str, lo: int, hi: int) -> tuple[int, int, str] | None:
             return next((t for t in taken.get(stack, []) if lo <= t[1] and t[0] <= hi), None)
 
-        for vm in vms:
-            if vm.transport == "ipc" or vm.port is None:
-                continue
-            lo, hi = vm.port, vm.port + vm.vcpus - 1
-            stack = where_of(vm)
+        def claim(vm: Vm, owner: str, machine: str, lo: int, hi: int) -> None:
+            stack = stack_of(machine)
             other = clash(stack, lo, hi)
             if other is not None:
                 both = range(max(lo, other[0]), min(hi, other[1]) + 1)
+                theirs = other[2] if " " in other[2] else f"VM {other[2]}"
                 raise self.fail(
                     f"vms ({vm.name})",
-                    f"port {both[0]} clashes with VM {other[2]} on machine {vm.host}: "
-                    f"{vm.name} uses {lo}..{hi}, {other[2]} {other[0]}..{other[1]}",
+                    f"port {both[0]} clashes with {theirs} on machine {machine}: "
+                    f"{owner} uses {lo}..{hi}, {other[2]} {other[0]}..{other[1]}",
                 )
-            taken.setdefault(stack, []).append((lo, hi, vm.name))
+            taken.setdefault(stack, []).append((lo, hi, owner))
+
+        def first_free(vm: Vm, machine: str, count: int) -> int:
+            stack = stack_of(machine)
+            port = DEFAULT_PORT
+            while (c := clash(stack, port, port + count - 1)) is not None:
+                port = c[1] + 1
+            if port + count - 1 > 65535:
+                raise self.fail(f"vms ({vm.name})", "no free port range left")
+            return port
+
+        def dest_owner(vm: Vm) -> str:
+            return f"{vm.name}'s migration destination"
+
+        for vm in vms:  # the explicit ranges first
+            if vm.transport != "ipc" and vm.port is not None:
+                claim(vm, vm.name, vm.host, vm.port, vm.port + vm.vcpus - 1)
+            mig = vm.migration
+            if mig is not None and mig.transport != "ipc" and mig.port is not None:
+                # the vCPUs' links, then the incoming channel: vcpus + 1 ports
+                claim(vm, dest_owner(vm), mig.to, mig.port, mig.port + vm.vcpus)
         out = []
         for vm in vms:
             if vm.transport != "ipc" and vm.port is None:
-                stack = where_of(vm)
-                port = DEFAULT_PORT
-                while (c := clash(stack, port, port + vm.vcpus - 1)) is not None:
-                    port = c[1] + 1
-                if port + vm.vcpus - 1 > 65535:
-                    raise self.fail(f"vms ({vm.name})", "no free port range left")
-                taken.setdefault(stack, []).append((port, port + vm.vcpus - 1, vm.name))
+                port = first_free(vm, vm.host, vm.vcpus)
+                claim(vm, vm.name, vm.host, port, port + vm.vcpus - 1)
                 vm = replace(vm, port=port)
+            mig = vm.migration
+            if mig is not None and mig.transport != "ipc" and mig.port is None:
+                port = first_free(vm, mig.to, vm.vcpus + 1)
+                claim(vm, dest_owner(vm), mig.to, port, port + vm.vcpus)
+                vm = replace(vm, migration=replace(mig, port=port))
             out.append(vm)
         return out
 
     def check_exposure(self, topo: Topology) -> None:
+        if topo.allow_insecure_tcp:
+            return
         for vm in topo.vms:
-            if vm.transport != "tcp" or topo.allow_insecure_tcp:
-                continue
-            address = topo.machines[vm.host].address or "127.0.0.1"
-            if not ipaddress.ip_address(address).is_loopback:
-                raise self.fail(
-                    f"vms ({vm.name})",
-                    f"tcp on {address} carries the token and every exit in clear text: use "
-                    'transport = "tls" with a [tls] table, or set allow_insecure_tcp = true '
-                    "on a network you trust",
-                )
+            listens = [(vm.transport, vm.host, "")]
+            if vm.migration is not None:
+                listens.append((vm.migration.transport, vm.migration.to, " (its destination)"))
+            for transport, machine, whose in listens:
+                if transport != "tcp":
+                    continue
+                address = topo.machines[machine].address or "127.0.0.1"
+                if not ipaddress.ip_address(address).is_loopback:
+                    raise self.fail(
+                        f"vms ({vm.name})",
+                        f"tcp on {address}{whose} carries the token and every exit in clear "
+                        'text: use transport = "tls" with a [tls] table, or set '
+                        "allow_insecure_tcp = true on a network you trust",
+                    )
 
 
 def _known(machines: dict[str, Machine]) -> str:
