@@ -379,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
         type=url,
         default=None,
         metavar="URL",
-        help="the destination host's --incoming address",
+        help="the destination host's --incoming address (required with --migrate-at)",
     )
     mig.add_argument(
         "--incoming",
@@ -387,7 +387,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="be a migration's destination: wait on URL for a VM instead of starting one "
-        "(its vCPUs then dial --listen)",
+        "(its vCPUs then dial --listen) (default: start a VM)",
     )
     mig.add_argument(
         "--migrate-timeout",
@@ -503,7 +503,9 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--rounds", type=positive_int, default=3, help="stay/move pairs (default 3)")
     bm.add_argument("--duration", type=duration, default=3.0, help="seconds per run (default 3)")
     bm.add_argument("--seed", type=nonneg_int, default=1, help="workload seed (default 1)")
-    bm.add_argument("--json", default=None, metavar="PATH", help="write the figures here")
+    bm.add_argument(
+        "--json", default=None, metavar="PATH", help="write the figures here (default: none)"
+    )
     bm.add_argument(
         "--shape",
         choices=("sparse", "dense"),

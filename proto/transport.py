@@ -286,6 +286,7 @@ class PairEndpoint:
             return msg.bytes, msg.pipe
         if self._recv_fd is None:
             self._recv_fd = self.sock.recv_fd
+        waited = False
         while True:
             if self._closed:
                 raise _closed()
@@ -296,9 +297,13 @@ class PairEndpoint:
                     await trio.lowlevel.wait_readable(self._recv_fd)
                 except trio.ClosedResourceError:
                     raise _closed() from None
+                waited = True
                 continue
-            # data was already there: still give other tasks their turn
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not waited:
+                # data was already there: still give other tasks their turn.  After a
+                # wait the task has just been scheduled; another checkpoint would only
+                # cost one more scheduler pass (an epoll_wait) per exit on each side.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             self.current_pipe = msg.pipe
             return msg.bytes, msg.pipe
 

@@ -271,3 +271,61 @@ def test_channel_refuses_malformed_messages() -> None:
         unpack(cbor2.dumps({"m": PING, "token": b"short", "t": 1}))
     with pytest.raises(ChannelError, match="refusing to send"):
         pack({"m": PONG, "t": -1, "host": 0})
+
+
+def test_a_vcpu_keeps_its_tsc_when_the_destination_clock_has_another_origin() -> None:
+    """The destination's TSC epoch is the source's moved by d (its CLOCK_MONOTONIC
+    differs by d): the vCPU's TSC must not step, and the destination's clock lines (in
+    its own domain) must not make the discipline slew d away."""
+    import dataclasses
+
+    from vtick.guest.clocksync import ClockDiscipline, DisciplinedTsc, TscSync
+    from vtick.guest.vcpu import GuestConfig, GuestVcpu
+    from vtick.proto import messages as m
+    from vtick.proto.pvclock import TscModel
+    from vtick.proto.transport import monotonic_ns
+
+    khz, epoch, d = 2_500_000, 1_000_000_000, 7_000_000_000
+    # (the discipline never goes back, so every read below is at or after the last)
+    vcpu = GuestVcpu(GuestConfig(connect="ipc:///unused", vcpu=0, token=bytes(32)))
+    welcome = m.Welcome(
+        version=1,
+        features=int(vcpu.cfg.features),
+        vcpu=0,
+        vcpus=1,
+        session=7,
+        max_message=65536,
+        tsc_khz=khz,
+        tsc_epoch=epoch,
+        pvclock=TscModel(khz, epoch, epoch).publish(epoch + 10**9, version=2).to_wire(),
+        workload="timers",
+        seed=1,
+        params={},
+    )
+    vcpu._on_welcome(welcome)
+    vcpu.discipline = ClockDiscipline(0)  # as sync_clock leaves it on one machine
+    vcpu.tsc = DisciplinedTsc(khz, epoch, vcpu.discipline)
+    source_tsc = TscModel(khz, epoch, epoch)
+    now = monotonic_ns()
+    assert vcpu.tsc.tsc(now) == source_tsc.tsc(now)
+    # the destination: same guest TSC, its own clock d ahead
+    dest = TscModel(khz, epoch + d, epoch + d)
+    vcpu.migrating_to = "ipc:///dest"
+    vcpu._on_welcome(
+        dataclasses.replace(
+            welcome,
+            tsc_epoch=epoch + d,
+            pvclock=dest.publish(epoch + d + 2 * 10**9, version=4).to_wire(),
+            resumed=True,
+        )
+    )
+    assert vcpu.migrations == 1
+    assert vcpu.migrating_to is None
+    later = monotonic_ns()
+    assert vcpu.tsc.tsc(later) == source_tsc.tsc(later)  # no step
+    # the destination's line for this machine: host' = local + d, exactly right
+    sync = TscSync(at=6 * 10**9, offset=d, ppb=0, bound=0)
+    vcpu._on_message(m.Pvclock(info=dest.publish(epoch + d, 6).to_wire(), tsc_sync=sync.to_wire()))
+    assert vcpu.discipline.largest_step == 0  # nothing to slew
+    future = monotonic_ns() + 3 * 10**9
+    assert vcpu.tsc.tsc(future) == source_tsc.tsc(future)

@@ -9,7 +9,10 @@ PGID`` lines on its stdin for the process groups the orchestrator starts and rea
 When its stdin closes, which the kernel does the moment the orchestrator dies however
 it dies, it sends every group still listed SIGCONT, then SIGTERM, and SIGKILL a second
 later, and exits.  Groups are removed as soon as the orchestrator has reaped them, so a
-reused process group id is never signalled.
+reused process group id is never signalled.  The run's private directory is the
+guardian's too (``dir PATH`` / ``undir PATH``): the processes it holds would remove it
+when their launcher is gone, but one SIGKILLed after the grace (a host slow to exit on a
+loaded machine) cannot, so the guardian removes what is left after the last signal.
 
 Run as ``python -m vtick.host.chaos.guardian``; :class:`Guardian` starts and feeds it.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +57,14 @@ class Guardian:
     def remove(self, pgid: int) -> None:
         self._say(f"del {pgid}")
 
+    def own_dir(self, path: str) -> None:
+        """Remove ``path`` if the orchestrator dies before it does."""
+        self._say(f"dir {path}")
+
+    def release_dir(self, path: str) -> None:
+        """The orchestrator removed ``path`` itself."""
+        self._say(f"undir {path}")
+
     def close(self) -> None:
         """Every group was reaped: let the guardian go (it signals nothing)."""
         if self.proc.stdin is not None:
@@ -70,11 +82,16 @@ def _signal(groups: set[int], sig: int) -> None:
 
 def main() -> int:
     groups: set[int] = set()
+    dirs: set[str] = set()
     for line in sys.stdin:  # until EOF: the orchestrator closed it, or died
-        what, _, arg = line.strip().partition(" ")
-        if not arg.isdigit():
+        what, _, arg = line.rstrip("\n").partition(" ")
+        if what == "dir" and os.path.isabs(arg):
+            dirs.add(arg)
+        elif what == "undir":
+            dirs.discard(arg)
+        elif not arg.isdigit():
             continue
-        if what == "add":
+        elif what == "add":
             groups.add(int(arg))
         elif what == "del":
             groups.discard(int(arg))
@@ -83,6 +100,9 @@ def main() -> int:
         _signal(groups, signal.SIGTERM)
         time.sleep(TERM_GRACE_S)
         _signal(groups, signal.SIGKILL)
+    for path in dirs:  # (the killed processes can no longer remove it themselves)
+        time.sleep(0.1)  # a SIGKILLed process's ipc files go with its last close
+        shutil.rmtree(path, ignore_errors=True)
     return 0
 
 

@@ -412,6 +412,8 @@ async def execute(opts: ChaosOptions, guardian: Guardian | None = None) -> Execu
     schedule = plan_faults(opts.seed, opts.nemesis())
     ex = Execution(opts, schedule)
     run_dir = tempfile.mkdtemp(prefix="vtick-chaos-")  # 0700
+    if guardian is not None:
+        guardian.own_dir(run_dir)  # removed even if this process is SIGKILLed
     run = _Run(opts, run_dir, guardian)
     started = monotonic_ns()
     try:
@@ -491,6 +493,8 @@ async def execute(opts: ChaosOptions, guardian: Guardian | None = None) -> Execu
         _collect(run, ex)
         run.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+        if guardian is not None:
+            guardian.release_dir(run_dir)
     return ex
 
 
