@@ -85,7 +85,11 @@ __all__ = ["Host", "HostConfig", "serve", "run_host", "check_exposure"]
 SUPPORTED_FEATURES = (
     Feature.PVCLOCK | Feature.PV_TIMER | Feature.VMI | Feature.PV_EOI | Feature.PV_SEND_IPI
 )
-ACK_DELAY_NS = 20_000_000
+#: the links' housekeeping (retransmission, dead peers, owed acks) runs at most this
+#: often, while any link has something pending: it visits every link, so running it on
+#: every timer event made the host's cost per exit grow with the number of vCPUs
+#: (issue 9); the link timers it serves are 20 ms (acks) and 500 ms (retransmission)
+LINK_TICK_NS = 10_000_000
 REFUSE_GRACE_S = 0.05
 REFUSE_SEND_TIMEOUT_S = 1.0
 NEVER = 1 << 63
@@ -356,7 +360,7 @@ class VcpuLink:
         if self.link is not None and self.link.ack_owed():
             self.send(m.Ack(), now)
         self.flush()
-        self.host.kick_if_needed()
+        self.host.kick_if_needed(self)
 
     def _try_hello(self, data: bytes) -> m.Hello | None:
         try:
@@ -617,6 +621,8 @@ class Host:
         #: trio's own timeouts round up to whole ms), fired at once by kick()
         self._alarm = Alarm()
         self._sleeping_until = -1
+        #: when the links are next looked after (NEVER: nothing pending on any link)
+        self._housekeeping_at = 0
         self.stopping = False
         self.interrupted: str | None = None
         #: guest memory that persists: cpu_online stores, by (src, dst)
@@ -663,24 +669,20 @@ class Host:
     def kick(self) -> None:
         self._alarm.fire_now()
 
-    def kick_if_needed(self) -> None:
-        """Wake the timer loop only if it now has an earlier deadline than it sleeps for."""
+    def kick_if_needed(self, vl: VcpuLink | None = None) -> None:
+        """Wake the timer loop only if it now has an earlier deadline than it sleeps for:
+        a host timer the frame armed, or link housekeeping that ``vl`` (the link the frame
+        came on) now needs while none is scheduled.  O(1): nothing else changed."""
         deadline = self.machine.next_deadline()
         if deadline is not None and deadline < self._sleeping_until:
             self._alarm.fire_now()
             return
-        for vl in self.links:
-            if vl.link is not None:
-                d = vl.link.next_deadline()
-                if d is not None and d < self._sleeping_until:
-                    self._alarm.fire_now()
-                    return
-                if (
-                    vl.link.ack_owed(force=True)
-                    and self._sleeping_until > monotonic_ns() + ACK_DELAY_NS
-                ):
-                    self._alarm.fire_now()
-                    return
+        if self._housekeeping_at != NEVER or vl is None or vl.link is None:
+            return
+        if vl.link.unacked() or vl.link.ack_owed(force=True):
+            self._housekeeping_at = monotonic_ns() + LINK_TICK_NS
+            if self._housekeeping_at < self._sleeping_until:
+                self._alarm.fire_now()
 
     def connected(self, link: VcpuLink) -> None:
         if all(vl.state is not LinkState.WAIT_HELLO for vl in self.links):
@@ -812,19 +814,17 @@ class Host:
 
     async def timer_loop(self) -> None:
         while True:
-            deadlines = [d for d in [self.machine.next_deadline()] if d is not None]
-            for vl in self.links:
-                if vl.link is None:
-                    continue
-                d = vl.link.next_deadline()
-                if d is not None:
-                    deadlines.append(d)
-                if vl.link.ack_owed(force=True):
-                    deadlines.append(monotonic_ns() + ACK_DELAY_NS)
-            self._sleeping_until = min(deadlines) if deadlines else NEVER
-            if deadlines:
+            now = monotonic_ns()
+            if now >= self._housekeeping_at:
+                self._housekeeping_at = self._link_housekeeping(now)
+            deadline = self.machine.next_deadline()
+            wake = (
+                self._housekeeping_at if deadline is None else min(deadline, self._housekeeping_at)
+            )
+            self._sleeping_until = wake
+            if wake < NEVER:
                 # host time is CLOCK_MONOTONIC here (the host's clock is never skewed)
-                self._alarm.arm(self._sleeping_until)
+                self._alarm.arm(wake)
             else:
                 self._alarm.disarm()
             await self._alarm.wait()
@@ -832,20 +832,29 @@ class Host:
             if self.frozen:
                 await self._thawed.wait()  # issue 13: nothing runs while it is copied
                 continue
-            now = monotonic_ns()
-            self.machine.on_timer(now)
+            self.machine.on_timer(monotonic_ns())
             self.run_actions()
-            for vl in self.links:
-                if vl.link is None or vl.state is LinkState.WAIT_HELLO:
-                    continue
-                try:
-                    vl.link.poll(now)
-                except LinkError as exc:
+
+    def _link_housekeeping(self, now: int) -> int:
+        """Retransmit, fail dead links, send owed acks; returns when to look again."""
+        pending = False
+        for vl in self.links:
+            if vl.link is None or vl.state is LinkState.WAIT_HELLO:
+                continue
+            try:
+                vl.link.poll(now)
+            except LinkError as exc:
+                if vl.ep.pending():  # its acks wait unread: we are the slow side
+                    vl.link.peer_alive(now)
+                else:
                     vl.fail(str(exc))
                     continue
-                if vl.link.ack_owed(force=True):
-                    vl.send(m.Ack(), now)
-                vl.flush()
+            if vl.link.ack_owed(force=True):
+                vl.send(m.Ack(), now)
+            vl.flush()
+            if vl.link is not None and vl.link.unacked():
+                pending = True
+        return now + LINK_TICK_NS if pending else NEVER
 
     async def stop_all(self) -> None:
         """Tell every vCPU to stop, collect reports and goodbyes (bounded wait)."""

@@ -144,6 +144,9 @@ class FaultShim:
     def redial(self, url: str) -> None:
         self.inner.redial(url)
 
+    def pending(self) -> bool:
+        return self._inbox.statistics().current_buffer_used > 0 or self.inner.pending()
+
     def start(self, epoch_ns: int) -> None:
         """Start the schedule: window times count from ``epoch_ns`` (host ns)."""
         self.epoch = epoch_ns

@@ -21,7 +21,9 @@ Theory of operation
   data follows it.
 * Timer: if the oldest unacknowledged frame is older than ``rto_ns`` everything
   unacknowledged is sent again (go-back-N); if nothing is acknowledged for
-  ``dead_after_ns`` the link fails with a :class:`LinkError` naming the numbers lost.
+  ``dead_after_ns`` the link fails with a :class:`LinkError` naming the numbers lost,
+  unless the driver knows the peer's frames are waiting unread (:meth:`peer_alive`): on
+  a machine with far more processes than cores the acks may be there, not yet read.
 * Pipe replaced: the driver calls :meth:`Link.resume` with the peer's ack from the
   resume handshake; everything after it is retransmitted on the new pipe.
 * The send window is bounded; a full window is a LinkError, never a silent drop.
@@ -232,6 +234,11 @@ class Link:
             )
         if now - self._unacked[0].sent_at >= self.rto_ns:
             self._retransmit(now, after=self.peer_acked)
+
+    def peer_alive(self, now: int) -> None:
+        """The peer is known to be there (its frames wait unread: this side is the slow
+        one, on an overloaded machine): restart the dead timer instead of failing."""
+        self._last_progress = now
 
     def _retransmit(self, now: int, after: int) -> None:
         for pending in self._unacked:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -306,6 +307,17 @@ class PairEndpoint:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             self.current_pipe = msg.pipe
             return msg.bytes, msg.pipe
+
+    def pending(self) -> bool:
+        """Is a received message waiting to be read?  (No wait: a poll of nng's receive
+        fd.)  Used before declaring a silent peer dead: its frames may be queued here."""
+        if self._closed:
+            return False
+        try:
+            fd = self.sock.recv_fd
+        except pynng.NNGException:
+            return False
+        return bool(select.select([fd], [], [], 0)[0])
 
     def send(self, frames: list[bytes]) -> None:
         """Send ``frames`` in order without ever waiting.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import tempfile
 from typing import Any
 
 import pytest
@@ -220,15 +219,6 @@ def test_a_failed_move_keeps_the_source_and_drops_the_destination() -> None:
 # ---------------------------------------------------------------------- (b, c) real runs
 
 TIMEOUT_S = 60
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 def _chaos(

@@ -13,7 +13,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -24,16 +23,6 @@ from vtick.host.mutations import MUTATIONS
 pytestmark = pytest.mark.processes
 
 TIMEOUT_S = 60
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    """A private TMPDIR for the run's processes, so leftovers are attributable to it."""
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 def _chaos(out: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,10 +6,8 @@ process and no file behind."""
 from __future__ import annotations
 
 import json
-import pathlib
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -19,15 +17,6 @@ from hostproc import VTICK, StandaloneHost, alive, children_of, cmdline
 from vtick.guest.vcpu import GuestConfig, GuestFatal, GuestVcpu
 
 pytestmark = pytest.mark.processes
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -15,7 +15,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
@@ -32,16 +31,6 @@ from vtick.host.mutations import MUTATIONS
 from vtick.proto import messages as m
 
 BY_ID = {case.id: case for case in HOST_CASES}
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    """A private TMPDIR for the hosts the suite starts, so leftovers are attributable."""
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 # ---------------------------------------------------------------------- the model, pure

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import pathlib
 import sys
-import tempfile
 
 import pytest
 
@@ -17,15 +15,6 @@ from vtick.host.conformance import guestside as g
 from vtick.host.conformance import report as rep
 from vtick.proto import messages as m
 from vtick.proto.codec import encode
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 def run(*argv: str) -> tuple[int, str]:

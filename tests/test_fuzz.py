@@ -4,10 +4,8 @@ and a planted host bug that is caught, saved and reproduced by ``--replay``."""
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
-import tempfile
 
 import pynng
 import pytest
@@ -20,15 +18,6 @@ from vtick.proto.errors import ProtocolError
 from vtick.proto.transport import link_url
 
 VTICK = [sys.executable, "-m", "vtick.host"]
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 def test_frames_are_reproducible_and_valid_unless_broken_on_purpose() -> None:

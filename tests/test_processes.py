@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -32,17 +31,6 @@ from vtick.proto.errors import ErrorCode
 from vtick.proto.transport import link_url
 
 pytestmark = pytest.mark.processes
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch) -> pathlib.Path:
-    """A private TMPDIR for this test's processes, so leftovers are attributable to it
-    (a global /tmp scan would see other test runs on the same machine)."""
-    path = tmp_path / "tmp"
-    path.mkdir()
-    monkeypatch.setenv("TMPDIR", str(path))
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
 
 
 def _leftovers(path: pathlib.Path) -> list[str]:
