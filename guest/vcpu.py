@@ -88,6 +88,8 @@ PING_TIMEOUT_S = 1.0
 #: a spinning vCPU re-checks its interrupts and the clock at least this often
 SPIN_SLICE_S = 0.005
 TICK_S = 0.02
+#: the wait for the host's goodbye grows with the VM's size (at least goodbye_timeout_s)
+GOODBYE_S_PER_VCPU = 0.1
 #: issue 13: at most this many timers in flight across a move are kept
 MIGRATION_TIMERS_KEPT = 4096
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
@@ -234,6 +236,8 @@ class GuestVcpu:
         self._outstanding: int | None = None
         self.stats = GuestStats()
         self.pipes_seen = 0
+        #: pipes to the host that are up now (nng's add/remove events)
+        self.pipes_up = 0
         self.stale_frames = 0
         self.duration_ns = 0
         #: the pvclock page: the one copy of the host's latest PvclockInfo
@@ -491,9 +495,11 @@ class GuestVcpu:
         assert self.ep is not None
         async for event in self.ep.pipe_events:
             if not event.added:
+                self.pipes_up = max(0, self.pipes_up - 1)
                 if self.welcome is None:
                     self._turned_away()
                 continue
+            self.pipes_up += 1
             self.pipes_seen += 1
             if self.pipes_seen > 1 and self.welcome is not None:
                 self._send(self._hello(resume=self.welcome.session), monotonic_ns())
@@ -613,9 +619,11 @@ class GuestVcpu:
             try:
                 self.link.poll(now)
             except LinkError as exc:
-                if self.ep is None or not self.ep.pending():
+                if self.ep is None or not (self.ep.pending() or self.pipes_up > 0):
                     raise GuestFatal(5, str(exc)) from None
-                self.link.peer_alive(now)  # the host's frames wait unread: we are slow
+                # the host's frames wait unread (we are slow), or the host process still
+                # holds our pipe: a slow or stopped host is not a lost one
+                self.link.peer_alive(now)
             if self.link.ack_owed(force=True):
                 self._send(m.Ack(), now)
             self.flush()
@@ -1046,10 +1054,14 @@ class GuestVcpu:
                     self._send(m.Trace(**{name: data}), monotonic_ns())
         self._send(m.Goodbye(), monotonic_ns())
         self.flush()
-        with trio.move_on_after(self.cfg.goodbye_timeout_s):
+        # the host answers every vCPU's goodbye after its report: with hundreds of vCPUs
+        # on a few cores, later than a small VM's would be (issue 9)
+        vcpus = self.welcome.vcpus if self.welcome is not None else 1
+        goodbye_s = max(self.cfg.goodbye_timeout_s, GOODBYE_S_PER_VCPU * vcpus)
+        with trio.move_on_after(goodbye_s):
             await self.host_goodbye.wait()
         if not self.host_goodbye.is_set():
-            raise GuestFatal(5, f"{self.name}: host did not answer goodbye")
+            raise GuestFatal(5, f"{self.name}: host did not answer goodbye within {goodbye_s:g} s")
         # acknowledge the host's goodbye so it knows nothing is outstanding
         self._send(m.Ack(), monotonic_ns())
         self.flush()

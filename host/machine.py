@@ -237,9 +237,13 @@ class VcpuState:
             "pending": pending,
             "history": {
                 "generation": self.generation,
-                "irq_origin": [{"vector": v, "origin": o} for v, o in self.irq_origin.items()],
+                # int(): a vector may be a Vector (IntEnum), which the schema's exact
+                # type check refuses (the timer vector's origin, found by chaos runs)
+                "irq_origin": [
+                    {"vector": int(v), "origin": int(o)} for v, o in self.irq_origin.items()
+                ],
                 "ipi_pending": [
-                    {"vector": v, "ipis": [list(ipi) for ipi in ipis]}
+                    {"vector": int(v), "ipis": [[int(x) for x in ipi] for ipi in ipis]}
                     for v, ipis in self.ipi_pending.items()
                 ],
                 "timers": timers,

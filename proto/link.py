@@ -20,7 +20,8 @@ Theory of operation
   A control frame's ``s`` (the sender's highest number) reveals a gap even when no
   data follows it.
 * Timer: if the oldest unacknowledged frame is older than ``rto_ns`` everything
-  unacknowledged is sent again (go-back-N); if nothing is acknowledged for
+  unacknowledged is sent again (go-back-N), and the timeout doubles (up to
+  ``MAX_RTO_NS``) until something is acknowledged, as TCP backs off; if nothing is acknowledged for
   ``dead_after_ns`` the link fails with a :class:`LinkError` naming the numbers lost,
   unless the driver knows the peer's frames are waiting unread (:meth:`peer_alive`): on
   a machine with far more processes than cores the acks may be there, not yet read.
@@ -46,6 +47,8 @@ __all__ = ["Link", "LinkStats", "DEFAULT_RTO_NS", "DEFAULT_DEAD_AFTER_NS", "DEFA
 DEFAULT_RTO_NS = 500_000_000
 DEFAULT_DEAD_AFTER_NS = 10_000_000_000
 DEFAULT_WINDOW = 4096
+#: the longest the retransmission timeout backs off to
+MAX_RTO_NS = 8_000_000_000
 #: a bare ack is owed after this many unacknowledged deliveries, even without a timer
 ACK_EVERY = 32
 
@@ -92,6 +95,9 @@ class Link:
         self._outbox: list[bytes] = []
         self._last_progress: int | None = None  # when peer_acked last moved
         self._resend_asked_at = -1  # recv_next when we last asked for a resend
+        #: the retransmission timeout now: rto_ns, doubled by every timer retransmission
+        #: without progress, back to rto_ns on progress (RFC 6298 section 5.5's backoff)
+        self._rto = self.rto_ns
 
     # ------------------------------------------------------------------ sending
 
@@ -195,6 +201,7 @@ class Link:
         while self._unacked and self._unacked[0].seq <= ack:
             self._unacked.popleft()
         self._last_progress = now
+        self._rto = self.rto_ns
 
     # ------------------------------------------------------------------ timers and pipes
 
@@ -215,7 +222,7 @@ class Link:
         """When :meth:`poll` next has work (a retransmission), or None."""
         if not self._unacked:
             return None
-        return self._unacked[0].sent_at + self.rto_ns
+        return self._unacked[0].sent_at + self._rto
 
     def poll(self, now: int) -> None:
         """Retransmit what has waited longer than the RTO.
@@ -232,8 +239,12 @@ class Link:
                 f"{self.name}: messages {lo}..{hi} ({', '.join(kinds)}) unacknowledged for "
                 f"{(now - self._last_progress) / 1e9:.1f} s; the peer is gone or stuck"
             )
-        if now - self._unacked[0].sent_at >= self.rto_ns:
+        if now - self._unacked[0].sent_at >= self._rto:
             self._retransmit(now, after=self.peer_acked)
+            # back off: a peer slower than the timeout (hundreds of vCPUs on a few cores)
+            # must not be sent the whole window again every rto_ns, which only adds to
+            # what keeps it slow
+            self._rto = min(self._rto * 2, MAX_RTO_NS)
 
     def peer_alive(self, now: int) -> None:
         """The peer is known to be there (its frames wait unread: this side is the slow

@@ -158,9 +158,35 @@ def test_rto_retransmission():
     a.poll(RTO)
     assert a.data_to_send() == original
     assert a.stats.retransmitted == 2
-    assert a.next_deadline() == 2 * RTO
-    a.poll(2 * RTO - 1)
+    # no progress: the timeout doubles (RFC 6298 section 5.5), then doubles again
+    assert a.next_deadline() == RTO + 2 * RTO
+    a.poll(3 * RTO - 1)
     assert a.data_to_send() == []
+    a.poll(3 * RTO)
+    assert a.data_to_send() == original
+    assert a.next_deadline() == 3 * RTO + 4 * RTO
+
+
+def test_rto_backs_off_to_a_ceiling_and_resets_on_progress():
+    """A peer slower than the timeout is not sent the window again every rto_ns."""
+    from vtick.proto.link import MAX_RTO_NS
+
+    a, b = make("A", dead_after_ns=10**15), make("B")
+    a.send(inj(0), 0)
+    frames = a.data_to_send()
+    now = 0
+    for _ in range(30):  # never acknowledged: the timeout grows to the ceiling
+        deadline = a.next_deadline()
+        assert deadline is not None
+        now = deadline
+        a.poll(now)
+        a.data_to_send()
+    assert a.next_deadline() == now + MAX_RTO_NS
+    deliver(b, frames)
+    b.send(m.Ack(), now)
+    deliver(a, b.data_to_send(), now=now)  # progress
+    a.send(inj(1), now)
+    assert a.next_deadline() == now + RTO  # back to rto_ns
 
 
 def test_dead_after_names_the_lost_range():

@@ -667,3 +667,16 @@ def test_unknown_counter_names_are_ignored() -> None:
     restore_vm(state, dst.machine, T)
     assert not hasattr(dst.machine.vcpus[0].lapic.stats, "from_a_later_vtick")
     assert dst.machine.vcpus[0].lapic.stats.eois == src.machine.vcpus[0].lapic.stats.eois
+
+
+def test_chaos_origins_saved_with_enum_vectors() -> None:
+    """The timer vector's origin is keyed by Vector.LOCAL_TIMER (an IntEnum): the blob
+    must still validate (the schema's type check is exact; a chaos run on lapic-xapic
+    had every move refused: 'expected int, got int 236')."""
+    vm = build(lapic_oneshot, T)
+    state = vm.machine.vcpus[0]
+    state.irq_origin[Vector.LOCAL_TIMER] = 17
+    state.ipi_pending[Vector.CALL_FUNCTION] = [(1, 0, 5)]
+    dst = migrate(vm, T, T)
+    assert dst.machine.vcpus[0].irq_origin == {int(Vector.LOCAL_TIMER): 17}
+    assert dst.machine.vcpus[0].ipi_pending == {int(Vector.CALL_FUNCTION): [(1, 0, 5)]}

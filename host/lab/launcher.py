@@ -35,6 +35,7 @@ import trio
 
 from vtick.host.chaos.explain import Recording
 from vtick.host.results import write_json
+from vtick.host.server import REPORT_S_PER_VCPU
 from vtick.host.topology.migration import merge_migration, moved
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
@@ -266,7 +267,10 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
             for name, proc in children.procs:
                 if proc is not dest:  # (its end is judged once the source's is known)
                     nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
-            with trio.move_on_after(opts.duration_s + opts.host_grace_s):
+            # the host waits for every vCPU's report at the end, longer for a big VM
+            # (host/server.py REPORT_S_PER_VCPU): so does the grace
+            grace = opts.host_grace_s + REPORT_S_PER_VCPU * opts.vcpus
+            with trio.move_on_after(opts.duration_s + grace):
                 await host.wait()
                 if dest is not None and host.returncode == 0:
                     problem = await _wait_destination(dest, host_results)
@@ -277,7 +281,7 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                 # and the cleanup below ends it (SIGCONT, SIGTERM, then SIGKILL)
                 failure.append(
                     f"host (pid {host.pid}) stopped answering: still running "
-                    f"{opts.host_grace_s:g} s after the run's {opts.duration_s:g} s"
+                    f"{grace:g} s after the run's {opts.duration_s:g} s"
                 )
                 nursery.cancel_scope.cancel()
             # the host is done; the vCPUs follow within moments
