@@ -50,6 +50,8 @@ RECONNECT_MAX_MS = 200
 #: the most Pair0 accepts).  This is a workaround for a crash in nng itself, not a
 #: tuning knob: see PairEndpoint.__init__.
 RECV_BUFFER_MSGS = 8192
+#: nng's send queue per socket, in messages (NNG_OPT_SENDBUF; Pair0 takes up to 8192)
+SEND_BUFFER_MSGS = 1024
 
 
 _CLOCK_SKEW_NS = 0
@@ -221,6 +223,11 @@ class PairEndpoint:
         # to RECV_BUFFER_MSGS messages (of at most max_message) queued per socket.
         # Remove this once nng's pair0 checks the pipe there.
         sock.recv_buffer_size = RECV_BUFFER_MSGS
+        # A send queue in nng too: a peer that reads slowly (hundreds of vCPUs on a few
+        # cores) fills Pair0's pipe at once, and every frame after it then went through
+        # the backlog and pynng's aio send, the host's main cost in a 128-vCPU run
+        # (py-spy, issue 9).  Queued in nng, a non-blocking send still succeeds.
+        sock.send_buffer_size = SEND_BUFFER_MSGS
         self._token = trio.lowlevel.current_trio_token()
         send, recv = trio.open_memory_channel[PipeEvent](math.inf)
         self._events_send = send
