@@ -85,6 +85,7 @@ __all__ = [
     "H_STALL",
     "H_MIGRATE_OUT",
     "H_MIGRATE_IN",
+    "H_MIGRATE_FAIL",
     # field values
     "CANCEL_CANCELLED",
     "CANCEL_REPLACED",
@@ -182,6 +183,8 @@ H_MIGRATE_OUT = 113
 #: [kind, t, offset ns (destination - source clock), source's freeze time]: issue 13,
 #: this host restored the VM (t on this host's clock)
 H_MIGRATE_IN = 114
+#: [kind, t]: issue 13, the move failed at t and the VM runs on at this (source) host
+H_MIGRATE_FAIL = 115
 
 CANCEL_CANCELLED = 0
 CANCEL_REPLACED = 1

@@ -293,3 +293,14 @@ def test_the_planted_migration_bug_is_caught(
     assert once["valid"] is False
     assert "never fired" in once["first"]["message"]
     assert "--migrate-at 1.2" in verdict["reproduce"]
+
+
+def test_a_failed_move_is_dated_by_the_sources_own_record() -> None:
+    """The source logs H_MIGRATE_FAIL when it thaws: the failure is dated by it, not by
+    the next thing the VM happened to do (an idle VM may do nothing for long)."""
+    source, dest = _two_hosts(moved=False)
+    failed = (ev.H_MIGRATE_FAIL, 11 * S + 6 * MS) + (0,) * 6
+    source = LogContents(source.header, sorted([*source.records, failed], key=lambda r: r[1]))
+    _, moves = merge_host_logs([source, dest])
+    assert [f for _, f, _ in moves] == ["migrate-out", "migrate-failed"]
+    assert moves[1][0] == 11 * S + 6 * MS

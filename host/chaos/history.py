@@ -436,9 +436,14 @@ def merge_host_logs(
         frozen = out[-1][1] + shift
         offset = out[-1][2]
         moves.append((frozen, "migrate-out", {"offset_ns": offset, "to": to}))
-        # the VM ran on here if this host took a frame or ran a timer after the freeze
+        # the VM ran on here: the source says so (H_MIGRATE_FAIL), or, from a log
+        # without that record, it took a frame or ran a timer after the freeze
         again = next(
-            (r[1] + shift for r in current.records if r[0] in _RUNNING and r[1] > out[-1][1]),
+            (
+                r[1] + shift
+                for r in current.records
+                if r[0] in (ev.H_MIGRATE_FAIL, *_RUNNING) and r[1] > out[-1][1]
+            ),
             None,
         )
         if came is None or again is not None:

@@ -45,7 +45,7 @@ from vtick.host.migration.state import MigrationError, encode_state, save_vm
 from vtick.proto import messages as m
 from vtick.proto.clockmath import ClockSample, estimate_offset
 from vtick.proto.codec import encode
-from vtick.proto.eventlog import H_MIGRATE_OUT
+from vtick.proto.eventlog import H_MIGRATE_FAIL, H_MIGRATE_OUT
 from vtick.proto.transport import monotonic_ns
 
 if TYPE_CHECKING:
@@ -200,6 +200,8 @@ def _failed(host: Host, record: dict[str, Any], reason: str) -> bool:
     record |= {"ok": False, "error": reason}
     _log(f"failed, the VM runs on here: {reason}")
     if host.frozen:
+        if host.history is not None:
+            host.history.add(H_MIGRATE_FAIL, monotonic_ns())
         host.thaw()
     return False
 
