@@ -17,7 +17,6 @@ is trio's own clock, reported as ``BACKEND == "trio"`` so results can say which 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import time
@@ -44,7 +43,10 @@ def _load_libc() -> ctypes.CDLL | None:
     if not hasattr(os, "eventfd"):  # eventfd and timerfd arrived together: Linux only
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the libc this process already has (CDLL(None)): ctypes.util.find_library would
+        # spawn ldconfig in every host and vCPU process at start (64 of them at once in
+        # a 64-vCPU run), and a test counting a launcher's children once saw it
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.timerfd_settime.argtypes = [
             ctypes.c_int,

@@ -47,12 +47,16 @@ def _launch_run(tmp_path: pathlib.Path, duration: str, **popen: Any) -> subproce
 
 
 def _await_family(launcher: subprocess.Popen, size: int = 3) -> set[int]:
-    """The launcher's children once ``size`` of them run (or whatever started in 20 s)."""
+    """The launcher's vtick children (host, vCPUs) once ``size`` of them run (or whatever
+    started in 20 s).  Only vtick's own, still alive: a short-lived helper the launcher
+    may run at the same moment (``ldconfig`` from ctypes' find_library, say; CI once
+    counted a fourth child) is not part of the run."""
     family: set[int] = set()
     deadline = time.monotonic() + 20
     while len(family) < size and time.monotonic() < deadline:
         time.sleep(0.2)
-        family.update(children_of(launcher.pid))
+        family.update(p for p in children_of(launcher.pid) if "vtick." in cmdline(p))
+        family = {p for p in family if alive(p)}  # (a helper caught mid-fork is gone)
     return family
 
 
