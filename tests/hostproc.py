@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,16 @@ import pynng
 from vtick.proto import messages as m
 from vtick.proto.codec import decode, encode
 
-__all__ = ["VTICK", "StandaloneHost", "alive", "children_of", "cmdline", "raw_hello", "say_hello"]
+__all__ = [
+    "VTICK",
+    "StandaloneHost",
+    "alive",
+    "children_of",
+    "cmdline",
+    "free_ports",
+    "raw_hello",
+    "say_hello",
+]
 
 VTICK = [sys.executable, "-m", "vtick.host"]
 
@@ -149,3 +159,21 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def free_ports(n: int) -> int:
+    """A base port with ``n`` free ports after it on loopback (probed, best effort)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        try:
+            for p in range(base, base + n):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free port range")

@@ -13,7 +13,6 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from typing import Any
@@ -21,7 +20,16 @@ from typing import Any
 import pynng
 import pytest
 import trio
-from hostproc import VTICK, StandaloneHost, alive, children_of, cmdline, raw_hello, say_hello
+from hostproc import (
+    VTICK,
+    StandaloneHost,
+    alive,
+    children_of,
+    cmdline,
+    free_ports,
+    raw_hello,
+    say_hello,
+)
 
 from vtick.host.lab.launcher import RunOptions, launch
 from vtick.proto import messages as m
@@ -60,27 +68,6 @@ def _await_family(launcher: subprocess.Popen, size: int = 3) -> set[int]:
     return family
 
 
-def _free_ports(n: int) -> int:
-    """A base port with n consecutive free ports after it (best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65000:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
-
-
 def _check_run(results: dict, vcpus: int) -> None:
     assert results["ok"], results
     assert len(results["vcpus"]) == vcpus
@@ -109,7 +96,7 @@ async def test_run_two_vcpus_over_ipc(tmp_path, private_tmp) -> None:
 
 
 async def test_run_over_tcp(tmp_path) -> None:
-    base = _free_ports(2)
+    base = free_ports(2)
     with trio.fail_after(40):
         results = await launch(
             RunOptions(vcpus=2, duration_s=0.8, listen=f"tcp://127.0.0.1:{base}"),

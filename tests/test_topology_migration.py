@@ -9,17 +9,17 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
 
 import pytest
+from hostproc import free_ports
 from rich.console import Console
 
+from vtick.host.migration.results import merge_migration, moved
 from vtick.host.topology import check
 from vtick.host.topology.certs import make_pair
-from vtick.host.topology.migration import merge_migration, moved
 from vtick.host.topology.netns import existing_namespaces
 from vtick.host.topology.report import migration_table
 from vtick.host.topology.spec import Migration, TopologyError, load, loads
@@ -259,24 +259,6 @@ def test_the_report_shows_the_blackout_or_why_the_move_failed():
 
 
 # ---------------------------------------------------------------------- real moves
-
-
-def free_ports(n: int) -> int:
-    """A base port with n free ports after it on loopback (probed, best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no free port range")
 
 
 def _leftover_processes(marker: str) -> list[int]:

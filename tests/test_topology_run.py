@@ -7,13 +7,13 @@ import json
 import os
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
 
 import pynng
 import pytest
+from hostproc import free_ports
 
 from vtick.host.topology import check, netns
 from vtick.proto import messages as m
@@ -22,24 +22,6 @@ from vtick.proto.errors import ErrorCode
 
 VTICK = [sys.executable, "-m", "vtick.host"]
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "topologies")
-
-
-def free_ports(n: int) -> int:
-    """A base port with n free ports after it (probed, best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no free port range")
 
 
 def vtick(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

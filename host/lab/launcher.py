@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import trio
 
 from vtick.host.chaos.explain import Recording
+from vtick.host.migration.results import merge_migration, moved
 from vtick.host.results import write_json
 from vtick.host.server import REPORT_S_PER_VCPU
-from vtick.host.topology.migration import merge_migration, moved
 from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import link_url
 
@@ -341,7 +341,7 @@ def _merge_migration(source_path: str, dest_path: str) -> str:
     """The run's results after a migration: the destination's (it collected every
     vCPU's report), with the source's own record and per-vCPU host figures under
     ``migration.source``; the source's alone if the VM never moved
-    (host/topology/migration.py, shared with a topology's migration step)."""
+    (host/migration/results.py, shared with a topology's migration step)."""
     try:
         with open(source_path) as fh:
             source = json.load(fh)

@@ -47,6 +47,7 @@ from vtick.host.migration.channel import (
     STATE,
     Channel,
     ChannelError,
+    unpack,
 )
 from vtick.host.migration.state import MigrationError, decode_state, restore_vm, tsc_model_for
 from vtick.host.mutations import MUTATIONS
@@ -156,8 +157,6 @@ async def _receive(cfg: HostConfig, channel: Channel) -> tuple[Host, Any, int, d
 
 
 def _unpack(data: bytes) -> dict[str, Any]:
-    from vtick.host.migration.channel import unpack
-
     msg = unpack(data)
     if msg["m"] not in (PING, STATE):
         raise ChannelError(f"a destination takes ping and state, not m={msg['m']}")

@@ -43,8 +43,8 @@ from typing import Any
 
 import trio
 
+from vtick.host.migration.results import merge_migration, moved
 from vtick.host.topology import spec as specmod
-from vtick.host.topology.migration import merge_migration, moved
 from vtick.host.topology.netns import Network, NetworkError, netns_problem
 from vtick.host.topology.remote import AgentHandle, RemoteError, SshControl
 from vtick.host.topology.spec import Topology, TopologyError, Vm
