@@ -64,6 +64,7 @@ async def _serve(url: str, token: bytes, nr: int) -> None:
                 "cpu_ns": time.process_time_ns() - cpu0,
             }
             print(json.dumps(out), flush=True)
+            vcpu.give_rx()  # the receive loop takes what arrives while stdin is read
         nursery.cancel_scope.cancel()
     if vcpu.ep is not None:
         vcpu.ep.close()

@@ -26,10 +26,12 @@ For the chaos history (``host/chaos/``) each IPI a sender raises gets an id (per
 named by :attr:`Smp.sending` while its exits are out; a csd keeps its id from queue to
 run to wait; ``Smp.listener`` hears each of those events (``vtick.proto.eventlog``).
 
-``cpu_online_mask`` is memory too: a booted vCPU announces itself to every other with a
-``cpu_online`` csd store (no IPI), and calls only target online CPUs, as Linux's do.
-The ALLBUT shortcut is used only once every CPU is online (Linux enables shorthands
-after all present CPUs booted).
+``cpu_online_mask`` is memory too, one bitmap every CPU reads, which the host holds: a
+booted vCPU stores its own bit (one ``cpu-online`` message, no IPI) and the host sends
+each vCPU the whole mask (``online-mask``, coalesced: ``vtick.host.onlinemask``), which
+:meth:`Smp.on_online_mask` takes as this CPU's view.  Calls only target online CPUs, as
+Linux's do.  The ALLBUT shortcut is used only once every CPU is online (Linux enables
+shorthands after all present CPUs booted).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from vtick.guest.apic import ApicOps
 from vtick.guest.cpu import KernelOp, MemoryWrite, SpinWait, preemption_point
 from vtick.proto import messages as m
 from vtick.proto.abi import Vector
-from vtick.proto.catalog import CPU_ONLINE, PREEMPT_CSD_WAIT
+from vtick.proto.catalog import PREEMPT_CSD_WAIT
+from vtick.proto.cpumask import decode_mask, mask_cpus
 from vtick.proto.eventlog import (
     CSD_CUT_OFF,
     CSD_ERROR,
@@ -59,7 +62,6 @@ __all__ = [
     "FUNCTIONS",
     "PREEMPT_CSD_WAIT",
     "DEFAULT_CSD_TIMEOUT_NS",
-    "CPU_ONLINE",
 ]
 
 DEFAULT_CSD_TIMEOUT_NS = 1_000_000_000
@@ -140,20 +142,21 @@ class Smp:
         self.run_over = True
 
     def announce_online(self) -> KernelOp[None]:
-        """``set_cpu_online``: store this CPU's bit where every other CPU reads it."""
-        for target in range(self.ncpus):
-            if target != self.cpu:
-                yield MemoryWrite(
-                    m.Csd(
-                        src=self.cpu,
-                        dst=target,
-                        id=0,
-                        func=CPU_ONLINE,
-                        info=0,
-                        wait=False,
-                        sent=self.clock(),
-                    )
-                )
+        """``set_cpu_online``: store this CPU's bit in cpu_online_mask, the one page
+        every CPU reads (the host holds it: one store, whatever the number of CPUs)."""
+        yield MemoryWrite(m.CpuOnline(cpu=self.cpu))
+
+    def on_online_mask(self, mask: bytes) -> None:
+        """The host sent cpu_online_mask as it stands: this CPU's view of it.
+
+        Bits are never cleared (vtick models no CPU going offline), and this CPU is
+        online to itself whatever the mask says (its own store may still be on its way).
+
+        Raises:
+            ValueError: the mask is malformed for this VM (wrong size, a bit for a CPU
+                the VM does not have): a protocol error, the message says which.
+        """
+        self.online = mask_cpus(decode_mask(mask, self.ncpus)) | {self.cpu}
 
     # ------------------------------------------------------------------ sender
 
@@ -310,9 +313,6 @@ class Smp:
 
     def on_csd(self, msg: m.Csd) -> None:
         """A csd was added to this CPU's queue (the host relayed the sender's store)."""
-        if msg.func == CPU_ONLINE:
-            self.online.add(msg.src)  # a store to cpu_online_mask, not a call
-            return
         self.queue.append(msg)
 
     def flush_queue(self) -> KernelOp[None]:

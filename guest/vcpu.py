@@ -62,6 +62,7 @@ from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Feature
 from vtick.proto.catalog import PREEMPTION_POINTS, WORKLOAD_PARAMS
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, decode
+from vtick.proto.cpumask import decode_mask
 from vtick.proto.errors import ErrorCode, LinkError, LocalProtocolError, ProtocolError
 from vtick.proto.eventlog import load_plan, record_target
 from vtick.proto.faultshim import FaultShim, windows_from_plan
@@ -232,7 +233,12 @@ class GuestVcpu:
         self.shutdown_requested = False
         self.host_goodbye = trio.Event()
         self._reply: m.ExitReply | None = None
-        self._reply_event = trio.Event()
+        #: the vCPU's task receives (in and between its exits), not the receive loop
+        self._exit_rx = False
+        self._rx_given_back = trio.Event()
+        self._rx_busy = False
+        self._rx_scope: trio.CancelScope | None = None
+        self._rx_left = trio.Event()
         self._outstanding: int | None = None
         self.stats = GuestStats()
         self.pipes_seen = 0
@@ -262,6 +268,7 @@ class GuestVcpu:
         self.boot_exits: dict[str, int] = {}
         self._memory_event = trio.Event()
         self._early_csds: list[m.Csd] = []
+        self._early_mask: bytes | None = None  # cpu_online_mask sent before the boot
         self.turned_away = 0
         self._first_turned_away = 0
         self.workload_started = 0
@@ -311,24 +318,91 @@ class GuestVcpu:
             resume=resume,
         )
 
+    # Who receives.  The receive loop below is a task of its own, but a vCPU waiting
+    # for an exit's reply has nothing else to do (a vCPU thread in KVM_RUN does not
+    # either): waking a second task for every reply would cost a scheduler pass, an
+    # epoll_wait and an Event per exit (issue 9).  So the vCPU's own task takes the
+    # receiving over at its first exit and reads its replies itself (_await_reply),
+    # handling every frame on the way exactly as the loop would; it hands the
+    # receiving back before any other wait (a sleep, a csd spin, the end of the run),
+    # so frames that arrive meanwhile are still taken at once.  One task at a time
+    # waits on the endpoint, as trio requires of a file descriptor.
+
     async def receive_loop(self) -> None:
         assert self.ep is not None
         while True:
-            data, _pipe = await self.ep.recv()
-            if self.welcome is None and not self._handshake_reply(data):
-                # A fresh process has no session yet: whatever else arrives is left over
-                # from the previous process on this vCPU (the host drops it on its side).
-                self.stale_frames += 1
-                continue
-            try:
-                msgs = self.link.receive(data, monotonic_ns())
-            except ProtocolError as exc:
-                raise GuestFatal(4, f"{self.name}: bad message from host: {exc}") from None
-            for msg in msgs:
-                self._on_message(msg)
-            if self.link.ack_owed():
-                self._send(m.Ack(), monotonic_ns())
-            self.flush()
+            while self._exit_rx:
+                await self._rx_given_back.wait()
+            self._rx_busy = True
+            with trio.CancelScope() as scope:
+                self._rx_scope = scope
+                try:
+                    data, _pipe = await self.ep.recv()
+                finally:
+                    self._rx_scope = None
+                    self._rx_busy = False
+                    self._rx_left.set()
+            if scope.cancelled_caught:
+                continue  # the vCPU's task took the receiving over
+            self._on_frame(data)
+
+    def _on_frame(self, data: bytes) -> None:
+        """Handle one frame from the host, whichever task received it."""
+        if self.welcome is None and not self._handshake_reply(data):
+            # A fresh process has no session yet: whatever else arrives is left over
+            # from the previous process on this vCPU (the host drops it on its side).
+            self.stale_frames += 1
+            return
+        try:
+            msgs = self.link.receive(data, monotonic_ns())
+        except ProtocolError as exc:
+            raise GuestFatal(4, f"{self.name}: bad message from host: {exc}") from None
+        for msg in msgs:
+            self._on_message(msg)
+        if self.link.ack_owed():
+            self._send(m.Ack(), monotonic_ns())
+        self.flush()
+
+    async def _take_rx(self) -> None:
+        """The vCPU's task takes the receiving over from the receive loop."""
+        self._exit_rx = True
+        while self._rx_busy:
+            # cancelling a wait on the fd is immediate; a receive loop that was already
+            # woken finishes its frame first (nothing is lost either way)
+            self._rx_left = trio.Event()
+            if self._rx_scope is not None:
+                self._rx_scope.cancel()
+            await self._rx_left.wait()
+
+    def give_rx(self) -> None:
+        """Hand the receiving back to the receive loop (before any wait but a reply's)."""
+        if self._exit_rx:
+            self._exit_rx = False
+            given, self._rx_given_back = self._rx_given_back, trio.Event()
+            given.set()
+
+    def _drain_rx(self) -> None:
+        """Handle every frame already queued, without waiting (the vCPU's task owns the
+        receiving and is about to yield to the other tasks)."""
+        if self._exit_rx and self.ep is not None:
+            while (data := self.ep.try_recv_bytes()) is not None:
+                self._on_frame(data)
+
+    async def _await_reply(self) -> None:
+        """Receive until the outstanding exit's reply arrived (see receive_loop)."""
+        if not self._exit_rx:
+            await self._take_rx()
+        ep = self.ep
+        assert ep is not None
+        # the reply cannot be there yet: wait first (a frame already queued makes the
+        # wait return at once), then take every frame queued
+        await ep.wait_recv()
+        while self._outstanding is not None:
+            data = ep.try_recv_bytes()
+            if data is None:
+                await ep.wait_recv()
+            else:
+                self._on_frame(data)
 
     def _handshake_reply(self, data: bytes) -> bool:
         """Is this frame an answer to our hello (welcome, refuse or error)?"""
@@ -346,7 +420,6 @@ class GuestVcpu:
                 )
             self._outstanding = None
             self._reply = msg
-            self._reply_event.set()
         elif isinstance(msg, m.Inject):
             rec = -1
             if self.recorder is not None and self.page is not None:
@@ -386,6 +459,16 @@ class GuestVcpu:
             if self.kernel is not None:
                 self.kernel.smp.on_done(msg)
             self._memory_event.set()
+        elif isinstance(msg, m.OnlineMask):  # cpu_online_mask, the host's page (§4.6)
+            try:
+                if self.kernel is None:
+                    assert self.welcome is not None
+                    decode_mask(msg.mask, self.welcome.vcpus)  # checked on arrival
+                    self._early_mask = msg.mask
+                else:
+                    self.kernel.smp.on_online_mask(msg.mask)
+            except ValueError as exc:
+                raise GuestFatal(4, f"{self.name}: bad online-mask from host: {exc}") from None
         elif isinstance(msg, m.Shutdown):
             self.shutdown_requested = True
             if self.kernel is not None:
@@ -718,6 +801,7 @@ class GuestVcpu:
         _, length = queue.popleft()
         start = self.ktime()
         self.stats.preemptions[point] += 1
+        self.give_rx()
         await sleep_ns(length)
         if self.history is not None:
             self.history.window(start, self.ktime(), PREEMPTION_POINTS.index(point))
@@ -730,12 +814,12 @@ class GuestVcpu:
         kind = m.EXIT_KIND_NAMES[type(msg)]
         sent = self.ktime() if self.recorder is not None else 0
         t0 = time.perf_counter_ns()
-        self._reply_event = trio.Event()
+        self._reply = None
         self._send(msg, monotonic_ns())
         self._outstanding = self.link.send_next - 1
         slot = self._history_exit(msg, self._outstanding)
         self.flush()
-        await self._reply_event.wait()
+        await self._await_reply()
         rtt = time.perf_counter_ns() - t0
         self.stats.exits[kind] += 1
         self.stats.exit_rtt_ns[kind] += rtt
@@ -773,6 +857,7 @@ class GuestVcpu:
                     value = None
                     continue
                 if isinstance(item, Udelay):
+                    self.give_rx()
                     await sleep_ns(item.ns)  # udelay: guest time passes, no exit
                     value = None
                     continue
@@ -781,6 +866,7 @@ class GuestVcpu:
                     if delay:
                         self.stats.preemptions[item.name] += 1
                         began = self.ktime() if self.history is not None else 0
+                        self.give_rx()
                         await sleep_ns(delay)  # ns resolution: a 100 us window is 100 us
                         if self.history is not None:  # the history names it (issue 15)
                             point = PREEMPTION_POINTS.index(item.name)
@@ -874,6 +960,7 @@ class GuestVcpu:
             self._memory_event = trio.Event()
             return
         wait_s = max(0.0, (deadline - self.clock.read()) / 1e9)
+        self.give_rx()
         with trio.move_on_after(min(wait_s, SPIN_SLICE_S)):
             await self._memory_event.wait()
         self._memory_event = trio.Event()
@@ -901,6 +988,8 @@ class GuestVcpu:
         for csd in self._early_csds:  # stores that arrived while this vCPU was booting
             kernel.smp.on_csd(csd)
         self._early_csds.clear()
+        if self._early_mask is not None:  # the mask as it stood while this vCPU booted
+            kernel.smp.on_online_mask(self._early_mask)
         await self.run_op(kernel.boot())
         self.boot_exits = dict(self.stats.exits)  # boot and calibration, not per event
         self._attach_history(kernel)
@@ -948,9 +1037,11 @@ class GuestVcpu:
             await self.run_op(workload.task(clock.read()))
             await self.run_op(kernel.reprogram())
             if self.pending or self.shutdown_requested or workload.wants_cpu(clock.read()):
-                await trio.lowlevel.checkpoint()  # let the link tasks run between calls
+                self._drain_rx()  # what arrived since the last exit
+                await trio.lowlevel.checkpoint()  # let the other tasks run between calls
                 continue
             await self.run_op(hlt())
+        self.give_rx()  # from here on the vCPU waits for the host's goodbye
         self.duration_ns = clock.read() - started
         if self.history is not None:
             unreported = kernel.ops.pv_eois - self._pv_eois_reported
@@ -979,6 +1070,7 @@ class GuestVcpu:
         }
 
     async def finish(self) -> None:
+        self.give_rx()
         stats = self.stats
         kernel = self.kernel
         timers = kernel.timers if kernel is not None else None
@@ -994,6 +1086,7 @@ class GuestVcpu:
         if kernel is not None:
             counters["smp_cut_off_calls"] = kernel.smp.stats.cut_off
         counters["workload_started_ns"] = self.workload_started
+        counters |= process_memory_kb()
         if self.migrations:
             counters |= self._migration_counters()
         for name, worst in (("stall", stats.stalls), ("host_wait", stats.host_waits)):
@@ -1066,6 +1159,28 @@ class GuestVcpu:
         self._send(m.Ack(), monotonic_ns())
         self.flush()
         await trio.sleep(0.02)  # no linger in nng: give the ack a moment to leave
+
+
+def process_memory_kb() -> dict[str, int]:
+    """This process's memory (``/proc/self/smaps_rollup``; empty where there is none):
+    ``rss`` counts the shared libraries' pages in every process that maps them, ``pss``
+    shares them out, ``private`` is what this process alone holds (issue 9: the memory a
+    vCPU process costs is its private memory plus its share of the libraries)."""
+    wanted = {"Rss": "process_rss_kb", "Pss": "process_pss_kb"}
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in wanted:
+                    out[wanted[key]] = int(rest.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    out["process_private_kb"] = out.get("process_private_kb", 0) + int(
+                        rest.split()[0]
+                    )
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
 
 
 def _chaos_windows(plan: dict[str, Any] | None) -> dict[str, deque[tuple[int, int]]]:

@@ -490,6 +490,13 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--rounds", type=positive_int, default=3, help="blocks per path (default 3)")
     bl.add_argument("--duration", type=duration, default=2.0, help="seconds per block (default 2)")
     bl.add_argument("--seed", type=nonneg_int, default=1, help="storm seed (default 1)")
+    bl.add_argument(
+        "--timers",
+        type=positive_int,
+        default=8,
+        help="timers per process / vCPU (default 8, the issue's storm; 1 is a load vtick "
+        "sustains on two cores, so its ratio is the path's own latency, not queueing)",
+    )
     bm = bsub.add_parser(
         "migration", help="live migration per timer mode: blackout and delayed timers"
     )
@@ -988,7 +995,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "lateness":
         from vtick.host.bench.lateness import run_lateness_bench
 
-        return run_lateness_bench(args.rounds, args.duration, args.seed)
+        return run_lateness_bench(args.rounds, args.duration, args.seed, args.timers)
     if args.bench == "migration":
         from vtick.host.bench.migration import run_migration_bench
 

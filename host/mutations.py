@@ -63,6 +63,12 @@ _TABLE: tuple[Mutation, ...] = (
         "a duplicate (already delivered) sequenced frame is executed again",
         "conformance link.duplicate, link.replay.icr",
     ),
+    Mutation(
+        "online-mask-stale",
+        "a vCPU coming online marks no other vCPU's view of cpu_online_mask stale: the "
+        "others get the mask only at their next welcome",
+        "conformance ipi.online-mask; tests/test_online_mask.py",
+    ),
     # ---- end conformance
     # ---- chaos (issue 10): `vtick chaos --mutate NAME` exits 1 naming the invariant
     Mutation(

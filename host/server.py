@@ -45,11 +45,11 @@ from vtick.host.devices.vmi_alarm import VmiAlarm
 from vtick.host.exitcost import load_profile
 from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.host.mutations import MUTATIONS, Mutations
+from vtick.host.onlinemask import OnlineMask, holdoff_for
 from vtick.host.results import write_json
 from vtick.host.topology.clocktrack import ClockTracker
 from vtick.proto import messages as m
 from vtick.proto.abi import PROTOCOL_VERSION, Fault, Feature
-from vtick.proto.catalog import CPU_ONLINE
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE, Frame, decode, encode
 from vtick.proto.errors import ErrorCode, LinkError, ProtocolError
 from vtick.proto.eventlog import (
@@ -434,6 +434,9 @@ class VcpuLink:
             self.session_pipe = pipe.id
             link.send(self._welcome(resumed=True), now)
             link.resume(frame.ack, now)
+            mask = self.host.online.welcomed(self.vcpu, now)
+            if mask is not None:  # cpu_online_mask as it stands (§4.6)
+                link.send(m.OnlineMask(mask=mask), now)
             self.host.record_session(self, hello.pid, SESSION_RESUMED, None, now)
             self.log(
                 f"session {self.session} resumed on pipe {pipe.id}; retransmitting "
@@ -482,9 +485,9 @@ class VcpuLink:
         self.host.machine.vcpus[self.vcpu].features = int(self.features)
         self.state = LinkState.OPEN
         self.link.send(self._welcome(resumed=None), now)
-        for (src, dst), store in sorted(self.host.online_stores.items()):
-            if dst == self.vcpu and src != self.vcpu:
-                self.link.send(store, now)  # what this vCPU would read in memory
+        mask = self.host.online.welcomed(self.vcpu, now)
+        if mask is not None:  # cpu_online_mask as it stands: what this vCPU reads (§4.6)
+            self.link.send(m.OnlineMask(mask=mask), now)
         self.flush()
         self.host.record_session(self, hello.pid, SESSION_NEW, replaced, now)
         self.host.connected(self)
@@ -540,7 +543,6 @@ class VcpuLink:
                 result = ExitResult(fault=Fault.GP)
             host_ns = time.perf_counter_ns() - t0
             modeled = self.host.exit_cost.cost_ns(msg) if self.host.exit_cost else 0
-            self.exits.record(msg, host_ns, modeled)
             if self.host.history is not None:
                 self.host.history.add(H_EXIT, now, self.vcpu, seq, EXIT_INDEX[type(msg)], host_ns)
             if modeled:
@@ -555,8 +557,12 @@ class VcpuLink:
                     m.ExitReply(re=seq, value=result.value, fault=result.fault, host_ns=host_ns),
                     now,
                 )
+            # bookkeeping once the reply is on its way: off the vCPU's critical path
+            self.exits.record(msg, host_ns, modeled)
         elif isinstance(msg, m.Csd | m.CsdDone):
             self.host.relay_memory(self, msg)
+        elif isinstance(msg, m.CpuOnline):
+            self.host.cpu_online(self, msg, now)
         elif isinstance(msg, m.Report):
             self.report = msg
             self.reported.set()
@@ -632,10 +638,14 @@ class Host:
         self._housekeeping_at = 0
         self.stopping = False
         self.interrupted: str | None = None
-        #: guest memory that persists: cpu_online stores, by (src, dst)
-        self.online_stores: dict[tuple[int, int], m.Csd] = {}
+        #: guest memory every vCPU reads: cpu_online_mask, one page (host/onlinemask.py)
+        self.online = OnlineMask(
+            cfg.vcpus, holdoff_for(cfg.vcpus, LINK_TICK_NS), mutations=self.mutations
+        )
         self.all_connected = trio.Event()
         self.started_at: int | None = None
+        #: this process's CPU time (all threads, nng's included) when the run started
+        self.cpu_at_start = 0
         # ---- live migration (issue 13, host/migration/)
         #: the VM is stopped while its state is copied: no frame is taken, no timer runs
         self.frozen = False
@@ -695,6 +705,7 @@ class Host:
         if all(vl.state is not LinkState.WAIT_HELLO for vl in self.links):
             if self.started_at is None:
                 self.started_at = monotonic_ns()
+                self.cpu_at_start = time.process_time_ns()
                 if self.history is not None:
                     self.history.add(H_RUN_START, self.started_at)
             self.all_connected.set()
@@ -710,16 +721,12 @@ class Host:
         if msg.src != source.vcpu or not 0 <= msg.dst < len(self.links):
             source.record_error(f"{msg.RULE} with src {msg.src} dst {msg.dst} refused")
             return
-        if isinstance(msg, m.Csd) and msg.func == CPU_ONLINE:
-            # cpu_online_mask is memory that outlives the store: a vCPU that comes up
-            # later must still read it, so the host keeps it and replays it at welcome
-            self.online_stores[(msg.src, msg.dst)] = msg
         target = self.links[msg.dst]
         if target.link is not None and target.state in (LinkState.OPEN, LinkState.CLOSING):
             target.send(msg)
             target.relayed += 1
             return
-        if isinstance(msg, m.Csd) and msg.func != CPU_ONLINE:
+        if isinstance(msg, m.Csd):
             source.send(
                 m.CsdDone(
                     src=msg.dst,
@@ -729,6 +736,25 @@ class Host:
                     error=f"vCPU {msg.dst} is not running",
                 )
             )
+
+    def cpu_online(self, source: VcpuLink, msg: m.CpuOnline, now: int) -> None:
+        """``set_cpu_online``: a vCPU stored its bit in cpu_online_mask, the page this
+        host holds (docs/protocol.md §4.6).  The other vCPUs are sent the page by the
+        next link housekeeping, coalesced (host/onlinemask.py).  A vCPU may store only
+        its own bit: another number is refused like a csd with the wrong src."""
+        try:
+            changed = self.online.store(source.vcpu, msg.cpu)
+        except ValueError as exc:
+            source.record_error(str(exc))
+            return
+        if changed and now + LINK_TICK_NS < self._housekeeping_at:
+            self._housekeeping_at = now + LINK_TICK_NS  # the tick that sends the masks
+            if self._housekeeping_at < self._sleeping_until:
+                self._alarm.fire_now()
+
+    def _takes_mask(self, vcpu: int) -> bool:
+        vl = self.links[vcpu]
+        return vl.link is not None and vl.state is LinkState.OPEN
 
     def send_publications(self) -> None:
         """Send a ``pvclock`` message for every vCPU whose kvmclock was re-published."""
@@ -843,8 +869,11 @@ class Host:
             self.run_actions()
 
     def _link_housekeeping(self, now: int) -> int:
-        """Retransmit, fail dead links, send owed acks; returns when to look again."""
-        pending = False
+        """Retransmit, fail dead links, send owed acks, send stale views of
+        cpu_online_mask (at most one per link per tick); returns when to look again."""
+        for vcpu, mask in self.online.due(now, self._takes_mask):
+            self.links[vcpu].send(m.OnlineMask(mask=mask), now)
+        pending = self.online.pending()  # views held off: a later tick sends them
         for vl in self.links:
             if vl.link is None or vl.state is LinkState.WAIT_HELLO:
                 continue
@@ -1008,8 +1037,16 @@ class Host:
                 },
                 "mutations_applied": self.mutations.as_dict() if self.mutations else None,
                 "wall_ns": ended_ns - (self.started_at or ended_ns),
+                # the host process's CPU time (user + system, every thread) from the
+                # start of the run to its results: what the host really spent, where
+                # host_ns per exit is the wall time of the model's handling only
+                "host_cpu_ns": time.process_time_ns() - self.cpu_at_start
+                if self.started_at is not None
+                else 0,
                 # "timerfd": host timers fire with ns resolution; "trio": on a 1 ms grid
                 "timer_backend": TIMER_BACKEND,
+                # cpu_online_mask (host/onlinemask.py): stores taken, masks sent
+                "online_mask": asdict(self.online.stats),
                 "vcpus": vcpus,
                 "exit_cost": self.exit_cost.as_dict() if self.exit_cost else None,
                 "ok": all(

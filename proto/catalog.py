@@ -1,5 +1,5 @@
-"""Names both sides agree on: timer modes, APIC access variants, IPI paths, workloads,
-preemption points and the guest memory locations the host keeps.
+"""Names both sides agree on: timer modes, APIC access variants, IPI paths, workloads and
+preemption points.
 
 They travel in ``welcome`` (``mode``, ``apic``, ``ipi``, ``workload``) and on the command
 lines of ``vtick run``, ``vtick host`` and ``vtick guest``, so they are protocol facts and
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 __all__ = [
     "APIC_NAMES",
-    "CPU_ONLINE",
     "IPI_VARIANT_NAMES",
     "MODE_NAMES",
     "PREEMPT_CSD_WAIT",
@@ -85,7 +84,3 @@ PREEMPT_DELTA_TO_DEVICE = "clockevents.delta_to_device"
 PREEMPT_ICR_IDLE_TO_WRITE = "apic.icr_idle_to_write"
 PREEMPT_CSD_WAIT = "smp.csd_wait"
 PREEMPTION_POINTS = (PREEMPT_DELTA_TO_DEVICE, PREEMPT_ICR_IDLE_TO_WRITE, PREEMPT_CSD_WAIT)
-
-#: the csd "function" name of a cpu_online store: guest memory that outlives the store,
-#: so the host keeps the last one per (src, dst) and replays it to a vCPU that comes up
-CPU_ONLINE = "cpu_online"

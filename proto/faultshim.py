@@ -123,6 +123,8 @@ class FaultShim:
         self._order = 0
         self._delayed_ready = trio.Event()
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[bytes, pynng.Pipe]](math.inf)
+        #: a frame wait_recv took from the inbox, handed out first
+        self._peeked: tuple[bytes, pynng.Pipe] | None = None
 
     # ---- what the vCPU uses of a PairEndpoint
 
@@ -145,7 +147,11 @@ class FaultShim:
         self.inner.redial(url)
 
     def pending(self) -> bool:
-        return self._inbox.statistics().current_buffer_used > 0 or self.inner.pending()
+        return (
+            self._peeked is not None
+            or self._inbox.statistics().current_buffer_used > 0
+            or self.inner.pending()
+        )
 
     def start(self, epoch_ns: int) -> None:
         """Start the schedule: window times count from ``epoch_ns`` (host ns)."""
@@ -244,7 +250,31 @@ class FaultShim:
 
     async def recv(self) -> tuple[bytes, pynng.Pipe]:
         """The next frame that made it through the shim, and its pipe."""
+        got = self.try_recv()
+        if got is not None:
+            await trio.lowlevel.checkpoint()
+            return got
         return await self._inbox.receive()
+
+    def try_recv(self) -> tuple[bytes, pynng.Pipe] | None:
+        """The next frame if one made it through already, else None (never waits)."""
+        if self._peeked is not None:
+            got, self._peeked = self._peeked, None
+            return got
+        try:
+            return self._inbox.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
+    def try_recv_bytes(self) -> bytes | None:
+        got = self.try_recv()
+        return None if got is None else got[0]
+
+    async def wait_recv(self) -> None:
+        """Wait until :meth:`try_recv` has a frame (a memory channel cannot be peeked:
+        the frame is taken and kept for it; a cancelled wait loses nothing)."""
+        if self._peeked is None:
+            self._peeked = await self._inbox.receive()
 
     async def _pump(self) -> None:
         while True:

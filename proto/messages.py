@@ -39,6 +39,8 @@ __all__ = [
     "Shutdown",
     "Csd",
     "CsdDone",
+    "CpuOnline",
+    "OnlineMask",
     "Report",
     "Trace",
     "Goodbye",
@@ -269,6 +271,22 @@ class CsdDone(Message):
     id: int
     ran: int
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CpuOnline(Message):
+    """``set_cpu_online``: vCPU ``cpu`` stores its bit in cpu_online_mask (the host's)."""
+
+    RULE: ClassVar[str] = "cpu-online"
+    cpu: int
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineMask(Message):
+    """cpu_online_mask as the vCPU reads it (layout: ``vtick.proto.cpumask``)."""
+
+    RULE: ClassVar[str] = "online-mask"
+    mask: bytes
 
 
 @dataclass(frozen=True, slots=True)

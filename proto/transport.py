@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import pynng
+import pynng.exceptions
 import trio
+from pynng import ffi as _ffi
+from pynng import lib as _lib
 
 __all__ = [
     "PipeEvent",
@@ -36,12 +39,6 @@ __all__ = [
     "TLS_CA_ENV",
 ]
 
-#: how to wait for a message: "fd" (trio waits on nng's receive-notification fd, then a
-#: non-blocking recv) or "arecv" (pynng's trio integration).  The environment variable
-#: lets the transport benchmark compare both across processes.
-RECV_METHOD_ENV = "VTICK_NNG_RECV"
-RECV_METHODS = ("fd", "arecv")
-
 #: nng reconnect back-off for dialers (nng #1964: an ipc dialer without a minimum spins)
 RECONNECT_MIN_MS = 10
 RECONNECT_MAX_MS = 200
@@ -53,6 +50,11 @@ RECV_BUFFER_MSGS = 8192
 #: nng's send queue per socket, in messages (NNG_OPT_SENDBUF; Pair0 takes up to 8192)
 SEND_BUFFER_MSGS = 1024
 
+
+_EAGAIN = _lib.NNG_EAGAIN
+_ECLOSED = _lib.NNG_ECLOSED
+_NONBLOCK = _lib.NNG_FLAG_NONBLOCK
+_RECV_FLAGS = _lib.NNG_FLAG_ALLOC | _lib.NNG_FLAG_NONBLOCK
 
 _CLOCK_SKEW_NS = 0
 #: --clock-drift-ppm (issue 12): this process's clock gains _CLOCK_DRIFT_PPB ns per 10^9
@@ -191,19 +193,18 @@ class PairEndpoint:
 
     Receiving waits with ``trio.lowlevel.wait_readable`` on nng's receive-notification
     fd (level-triggered: readable while a message is queued) and then takes the message
-    with a non-blocking ``recv_msg``, which also names the pipe it came on.  pynng's
-    ``arecv`` allocates an nng aio per call and wakes trio from an nng thread; the
-    transport benchmark measures both in the same run (``vtick bench transport``) and
-    the fd path is faster.  Sending tries the non-blocking path first and only
+    with a non-blocking ``recv_msg``, which also names the pipe it came on.  (pynng's
+    ``arecv`` allocates an nng aio per call and wakes trio from an nng thread: slower
+    in ``vtick bench transport``, and a cancelled ``arecv`` may lose its message.)
+    :meth:`try_recv` and :meth:`wait_recv` are the two halves of :meth:`recv` for a
+    task that receives in a loop of its own (a vCPU waiting for an exit's reply).
+    Sending tries the non-blocking path first and only
     awaits when nng's queue is full (Pair0 applies back-pressure, it does not drop).
     A frame nng does not take at once waits in a backlog drained by one sender task, so
     frames leave in the order they were produced and no receive loop waits on a send.
     """
 
-    def __init__(self, sock: pynng.Pair0, max_message: int, recv_method: str | None = None) -> None:
-        self.recv_method = recv_method or os.environ.get(RECV_METHOD_ENV, "fd")
-        if self.recv_method not in RECV_METHODS:
-            raise ValueError(f"{RECV_METHOD_ENV}={self.recv_method!r}: use one of {RECV_METHODS}")
+    def __init__(self, sock: pynng.Pair0, max_message: int) -> None:
         self.sock = sock
         self.max_message = max_message
         # Workaround for a use-after-stop race in nng's pair0 (nng 1.11.0, bundled in
@@ -235,6 +236,15 @@ class PairEndpoint:
         self.current_pipe: pynng.Pipe | None = None
         self._closed = False
         self._recv_fd: int | None = None
+        # try_recv's out-parameters, allocated once (cffi)
+        self._handle = sock.socket
+        self._msg_out = _ffi.new("nng_msg **")
+        self._data_out = _ffi.new("char **")
+        self._size_out = _ffi.new("size_t *")
+        #: pynng's table of live pipes and its lock (private, present in 0.8 and 0.9)
+        self._pipe_table = all(
+            hasattr(sock, name) for name in ("_pipes", "_pipe_notify_lock", "_add_pipe")
+        )
         self._backlog: deque[bytes] = deque()
         self._backlog_ready = trio.Event()
         sock.add_post_pipe_connect_cb(self._on_add)
@@ -258,7 +268,7 @@ class PairEndpoint:
         return ep
 
     @classmethod
-    def dial(cls, url: str, max_message: int, recv_method: str | None = None) -> PairEndpoint:
+    def dial(cls, url: str, max_message: int) -> PairEndpoint:
         sock = pynng.Pair0(
             recv_max_size=max_message,
             reconnect_time_min=RECONNECT_MIN_MS,
@@ -270,7 +280,7 @@ class PairEndpoint:
             except (OSError, pynng.NNGException) as exc:
                 sock.close()
                 raise OSError(f"cannot dial {url}: {exc}") from None
-        ep = cls(sock, max_message, recv_method)
+        ep = cls(sock, max_message)
         # block=False: keep retrying in the background until the host is there
         sock.dial(url, block=False)
         return ep
@@ -288,32 +298,86 @@ class PairEndpoint:
 
     async def recv(self) -> tuple[bytes, pynng.Pipe]:
         """The next message and the pipe it came on.  Raises pynng.Closed after close()."""
-        if self.recv_method == "arecv":
-            msg = await self.sock.arecv_msg()
-            self.current_pipe = msg.pipe
-            return msg.bytes, msg.pipe
-        if self._recv_fd is None:
-            self._recv_fd = self.sock.recv_fd
-        waited = False
+        got = self.try_recv()
+        if got is not None:
+            # data was already there: still give other tasks their turn.  After a wait
+            # the task has just been scheduled; another checkpoint would only cost one
+            # more scheduler pass (an epoll_wait) per exit on each side.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return got
         while True:
-            if self._closed:
-                raise _closed()
-            try:
+            await self.wait_recv()
+            got = self.try_recv()
+            if got is not None:
+                return got
+
+    def try_recv(self) -> tuple[bytes, pynng.Pipe] | None:
+        """The next message and its pipe if one is queued, else None (never waits).
+        Raises pynng.Closed after close().
+
+        This is nng's ``nng_recvmsg`` through pynng's cffi binding rather than
+        ``Socket.recv_msg``: that one builds a ``Message`` (two locks, a finalizer) and
+        copies the body through a buffer object for every frame, a tenth of the host's
+        time per exit in a 4-vCPU timer storm (py-spy, issue 9).  The pipe is found as
+        pynng finds it (``Socket._try_associate_msg_with_pipe``): in the socket's table
+        of live pipes, and under pynng's pipe lock only when it is not there yet.
+        """
+        if self._closed:
+            raise _closed()
+        if not self._pipe_table:
+            try:  # a pynng without the pipe table: its own (slower) receive
                 msg = self.sock.recv_msg(block=False)
             except pynng.TryAgain:
-                try:
-                    await trio.lowlevel.wait_readable(self._recv_fd)
-                except trio.ClosedResourceError:
-                    raise _closed() from None
-                waited = True
-                continue
-            if not waited:
-                # data was already there: still give other tasks their turn.  After a
-                # wait the task has just been scheduled; another checkpoint would only
-                # cost one more scheduler pass (an epoll_wait) per exit on each side.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                return None
             self.current_pipe = msg.pipe
             return msg.bytes, msg.pipe
+        rv = _lib.nng_recvmsg(self._handle, self._msg_out, _NONBLOCK)
+        if rv:
+            if rv == _EAGAIN:
+                return None
+            pynng.exceptions.check_err(rv)
+        msg = self._msg_out[0]
+        try:
+            lib_pipe = _lib.nng_msg_get_pipe(msg)
+            data = _ffi.unpack(_ffi.cast("char *", _lib.nng_msg_body(msg)), _lib.nng_msg_len(msg))
+        finally:
+            _lib.nng_msg_free(msg)
+        pipe_id = _lib.nng_pipe_id(lib_pipe)
+        pipe = self.sock._pipes.get(pipe_id)
+        if pipe is None:
+            # a frame read before nng's pipe callback ran, or after its pipe went
+            with self.sock._pipe_notify_lock:
+                pipe = self.sock._pipes.get(pipe_id)
+                if pipe is None:
+                    pipe = self.sock._add_pipe(lib_pipe)
+        self.current_pipe = pipe
+        return data, pipe
+
+    def try_recv_bytes(self) -> bytes | None:
+        """:meth:`try_recv` for a caller that does not need the pipe (a vCPU has one
+        peer): nng's plain receive."""
+        if self._closed:
+            raise _closed()
+        rv = _lib.nng_recv(self._handle, self._data_out, self._size_out, _RECV_FLAGS)
+        if rv:
+            if rv == _EAGAIN:
+                return None
+            pynng.exceptions.check_err(rv)
+        size = self._size_out[0]
+        data = _ffi.unpack(self._data_out[0], size)
+        _lib.nng_free(self._data_out[0], size)
+        return data
+
+    async def wait_recv(self) -> None:
+        """Wait until a message may be queued (nng's receive fd is readable).  One task
+        at a time may wait (trio's rule for a file descriptor).  Raises pynng.Closed
+        when the endpoint is closed while waiting."""
+        if self._recv_fd is None:
+            self._recv_fd = self.sock.recv_fd
+        try:
+            await trio.lowlevel.wait_readable(self._recv_fd)
+        except trio.ClosedResourceError:
+            raise _closed() from None
 
     def pending(self) -> bool:
         """Is a received message waiting to be read?  (No wait: a poll of nng's receive
@@ -342,13 +406,15 @@ class PairEndpoint:
             if self._closed:
                 return
             if not self._backlog:
-                try:
-                    self.sock.send(data, block=False)
+                # nng_send through pynng's binding, as Socket.send does minus its
+                # argument checks (data is always bytes here)
+                rv = _lib.nng_send(self._handle, data, len(data), _NONBLOCK)
+                if not rv:
                     continue
-                except pynng.TryAgain:
-                    pass
-                except pynng.Closed:
+                if rv == _ECLOSED:
                     return
+                if rv != _EAGAIN:
+                    pynng.exceptions.check_err(rv)
             self._backlog.append(data)
             self._backlog_ready.set()
 

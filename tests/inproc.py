@@ -23,9 +23,12 @@ VmiAlarm, Pit, PvApic) and every feature bit negotiated on every vCPU, the way
 attaching ``pv_eoi=True`` to the first exit after the kernel's ``ops.pv_eois`` grew, and
 records every exit in the vCPU's :attr:`VcpuCtx.exits`.  :meth:`InProcVm.run_workload`
 mirrors ``GuestVcpu.run_kernel``'s loop for all vCPUs in round-robin.  Guest stores to
-another vCPU's memory (``MemoryWrite``: csds, cpu_online) are relayed at once, as the host
-relays them; ``SpinWait`` (csd_lock_wait) is not supported, so the IPI workloads that
-wait for remote CPUs cannot run here.
+another vCPU's memory (``MemoryWrite``: csds and their unlocks) are relayed at once, as the
+host relays them; a ``cpu-online`` store sets the VM's cpu_online_mask
+(:attr:`InProcVm.online`), which every vCPU reads at once (the host coalesces its
+``online-mask`` messages; here there is nothing to coalesce); ``SpinWait``
+(csd_lock_wait) is not supported, so the IPI workloads that wait for remote CPUs cannot
+run here.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from vtick.host.devices.vmi_alarm import VmiAlarm
 from vtick.host.machine import CompleteHlt, ExitResult, InjectIrq, Machine
 from vtick.proto import messages as m
 from vtick.proto.abi import Feature
+from vtick.proto.cpumask import encode_mask
 from vtick.proto.pvclock import TscModel
 
 __all__ = [
@@ -138,7 +142,7 @@ class VcpuCtx:
     expiries: list[Expiry] = field(default_factory=list)
     #: pv_eoi counter source when no kernel is attached (a bare ApicOps under test)
     ops: Any = None
-    #: relayed stores (csds) that arrived before this vCPU's kernel existed
+    #: relayed stores (csds, the online mask) that arrived before this vCPU's kernel existed
     inbox: list[m.Message] = field(default_factory=list)
 
     def exit_keys(self, start: int = 0) -> list[tuple[Any, ...]]:
@@ -196,6 +200,8 @@ class InProcVm:
             page = PvclockPage(self.machine.vcpus[i].pvclock)
             self.vcpus.append(VcpuCtx(i, page, Kvmclock(page, self.rdtsc)))
         self.timer_fires = 0
+        #: cpu_online_mask (bit i = vCPU i), the page the host holds
+        self.online = 0
 
     # ------------------------------------------------------------------ clocks
 
@@ -229,7 +235,7 @@ class InProcVm:
         ctx.kernel = kernel
         inbox, ctx.inbox = ctx.inbox, []
         for msg in inbox:
-            self._store(msg)
+            self._deliver(ctx, msg)
         return kernel
 
     def boot(self, cpu: int, mode: str | None = None, **kw: Any) -> GuestKernel:
@@ -327,11 +333,21 @@ class InProcVm:
             self.advance_to(deadline)
 
     def _store(self, msg: m.Message) -> None:
-        """Relay a guest store to the vCPU that reads it (the host relays them; no exit)."""
-        dst = self.vcpus[getattr(msg, "dst")]  # noqa: B009 - Csd and CsdDone both have it
+        """Relay a guest store to the vCPUs that read it (the host relays them; no exit)."""
+        if isinstance(msg, m.CpuOnline):
+            self.online |= 1 << msg.cpu
+            mask = m.OnlineMask(mask=encode_mask(self.online, self.ncpus))
+            for ctx in self.vcpus:
+                self._deliver(ctx, mask)
+            return
+        self._deliver(self.vcpus[getattr(msg, "dst")], msg)  # noqa: B009 - Csd, CsdDone
+
+    def _deliver(self, dst: VcpuCtx, msg: m.Message) -> None:
         kernel = dst.kernel
         if kernel is None:
             dst.inbox.append(msg)
+        elif isinstance(msg, m.OnlineMask):
+            kernel.smp.on_online_mask(msg.mask)
         elif isinstance(msg, m.CsdDone):
             kernel.smp.on_done(msg)
         else:

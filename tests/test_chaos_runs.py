@@ -188,8 +188,12 @@ def test_run_explain_breaks_down_the_worst_timers(
     explained = run["results"]["explain"]
     assert explained["events"] > 100
     assert explained["worst"]
-    # pv-delta passes the window with a stale relative delta: programming is late
-    assert explained["mean_ns"]["programmed late"] > 1_000_000
+    # pv-delta passes the window with a stale relative delta: programming is late.  The
+    # worst timers are the ones the 3 ms window delayed; over all events the share
+    # varies with how the timers batch (0.1-3 ms seen, against about 0.015 ms
+    # without the window), so the mean is only required to show it at all
+    assert explained["worst_mean_ns"]["programmed late"] > 1_000_000
+    assert explained["mean_ns"]["programmed late"] > 50_000
     assert run["results"]["cleanup"]["ipc_leftovers"] == []
     _no_leftovers(private_tmp)
 

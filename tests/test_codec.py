@@ -141,6 +141,8 @@ STRATEGIES = {
         m.Csd, src=U32, dst=U32, id=U64, func=NAME, info=I64, wait=st.booleans(), sent=U64
     ),
     m.CsdDone: st.builds(m.CsdDone, src=U32, dst=U32, id=U64, ran=U64, error=st.none() | TEXT),
+    m.CpuOnline: st.builds(m.CpuOnline, cpu=U32),
+    m.OnlineMask: st.builds(m.OnlineMask, mask=st.binary(min_size=1, max_size=130)),
     m.Goodbye: st.builds(m.Goodbye),
 }
 

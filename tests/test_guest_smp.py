@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from vtick.guest.apic import X2ApicOps, XApicOps
 from vtick.guest.cpu import MemoryWrite, PreemptionPoint, SpinWait
-from vtick.guest.smp import CPU_ONLINE, Smp
+from vtick.guest.smp import Smp
 from vtick.proto import apicdef as a
 from vtick.proto import messages as m
 from vtick.proto.abi import Vector
+from vtick.proto.cpumask import encode_mask
 
 
 class Clock:
@@ -19,8 +20,8 @@ class Clock:
 
 
 def online(smp: Smp, *cpus: int) -> None:
-    for cpu in cpus:
-        smp.on_csd(m.Csd(src=cpu, dst=smp.cpu, id=0, func=CPU_ONLINE, info=0, wait=False, sent=0))
+    """The host's cpu_online_mask with ``cpus`` set reaches ``smp`` (an online-mask)."""
+    smp.on_online_mask(encode_mask(sum(1 << c for c in cpus), smp.ncpus))
 
 
 def drive(op, on_spin=None):

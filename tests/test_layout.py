@@ -66,6 +66,7 @@ def test_host_top_level_is_the_vmm() -> None:
         "hrtimer",
         "machine",
         "mutations",
+        "onlinemask",
         "results",
         "server",
     }

@@ -196,7 +196,7 @@ def _state_message(token: bytes, blob: bytes) -> dict:
             "max_message": 65536,
         },
         "links": [],
-        "stores": [],
+        "online": b"\x00",
         "state": blob,
     }
 

@@ -18,10 +18,11 @@ from rich.console import Console
 
 from vtick.guest.apic import X2ApicOps
 from vtick.guest.cpu import MemoryWrite, PreemptionPoint, SpinWait
-from vtick.guest.smp import CPU_ONLINE, Smp
+from vtick.guest.smp import Smp
 from vtick.guest.vcpu import Timeline
 from vtick.host.lab import metrics, report
 from vtick.proto import messages as m
+from vtick.proto.cpumask import encode_mask
 
 # ---------------------------------------------------------------------- builders
 
@@ -140,8 +141,7 @@ def drive(op, on_spin):
 def sender() -> tuple[Smp, Clock]:
     clock = Clock()
     smp = Smp(0, 3, X2ApicOps(0, 3), clock)
-    for cpu in (1, 2):
-        smp.on_csd(m.Csd(src=cpu, dst=0, id=0, func=CPU_ONLINE, info=0, wait=False, sent=0))
+    smp.on_online_mask(encode_mask(0b111, 3))  # every CPU online
     return smp, clock
 
 

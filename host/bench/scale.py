@@ -7,6 +7,14 @@ p99, host CPU per exit (the host's own handling time; the exit-reply's ``host_ns
 summed by the host), and whether the run completed without errors.  The table is
 printed, and ``--plot PATH`` draws events/s and lateness p99 against vCPUs.
 
+Two host figures: ``host us/exit`` is the wall time of the model's handling of an exit
+(the exit-reply's ``host_ns``), which a descheduled host inflates; ``host cpu us/exit`` is
+the host process's CPU time over the run (``host_cpu_ns``: user + system, nng's threads
+included) divided by the exits it handled: what an exit really costs the host.  Memory
+per vCPU process comes from each guest's ``/proc/self/smaps_rollup`` at the end of its
+run: RSS counts the shared libraries in every process, PSS shares them out, private is
+what the process alone holds.
+
 The *knee* is the first size where events per second per vCPU falls below half of the
 single-vCPU figure: beyond it the machine's cores, not vtick's protocol, set the pace.
 With one interpreter per vCPU on a 2-core machine that happens as soon as the runnable
@@ -51,20 +59,36 @@ def _one(vcpus: int, per_process: int, seconds: float) -> dict[str, Any]:
             row["error"] = str(exc)
             return row
     met = run_metrics(results)
-    exits = rtt = host_ns = 0
+    exits = rtt = host_ns = host_exits = 0
+    #: memory of each vCPU process (its vCPUs report the same figures), by pid
+    memory: dict[int, tuple[int, int, int]] = {}
     for v in results["vcpus"]:
         g = v.get("guest") or {}
         exits += sum(g.get("exits", {}).values())
         rtt += sum(g.get("exit_rtt_ns_total", {}).values())
         host_ns += sum(k["host_ns_total"] for k in v["host_exits"].values())
+        host_exits += sum(k["count"] for k in v["host_exits"].values())
+        c = g.get("counters") or {}
+        if "process_rss_kb" in c:
+            memory[v.get("guest_pid") or v["vcpu"]] = (
+                c["process_rss_kb"],
+                c.get("process_pss_kb", 0),
+                c.get("process_private_kb", 0),
+            )
     late = met["lateness_ns"] or {}
+    procs = max(1, len(memory))
+    host_cpu = results.get("host_cpu_ns") or 0
     row.update(
         ok=bool(results["ok"]),
         events_per_s=met["events_per_s"],
         rtt_us=rtt / exits / 1000 if exits else None,
         host_us_per_exit=host_ns / exits / 1000 if exits else None,
+        host_cpu_us_per_exit=host_cpu / host_exits / 1000 if host_exits else None,
         p50_us=late.get("p50", 0) / 1000,
         p99_us=late.get("p99", 0) / 1000,
+        rss_mb=sum(m[0] for m in memory.values()) / procs / 1024,
+        pss_mb=sum(m[1] for m in memory.values()) / procs / 1024,
+        private_mb=sum(m[2] for m in memory.values()) / procs / 1024,
     )
     return row
 
@@ -89,7 +113,8 @@ def run_scale_bench(
     rows = []
     header = (
         f"{'vCPUs':>6} {'per proc':>8} {'events/s':>10} {'ev/s/vCPU':>10} "
-        f"{'exit rtt us':>11} {'host us/exit':>12} {'late p50 us':>11} {'late p99 us':>11}  ok"
+        f"{'exit rtt us':>11} {'host us/exit':>12} {'host cpu us/exit':>16} "
+        f"{'late p50 us':>11} {'late p99 us':>11} {'MB/proc rss pss private':>23}  ok"
     )
     print(header, flush=True)
     for n, k in plan:
@@ -98,10 +123,13 @@ def run_scale_bench(
         if "error" in row:
             print(f"{n:>6} {k:>8}  failed: {row['error']}", flush=True)
             continue
+        mem = f"{row['rss_mb']:.1f} {row['pss_mb']:.1f} {row['private_mb']:.1f}"
         print(
             f"{n:>6} {k:>8} {row['events_per_s']:>10.0f} {row['events_per_s'] / n:>10.0f} "
             f"{row['rtt_us'] or 0:>11.1f} {row['host_us_per_exit'] or 0:>12.1f} "
-            f"{row['p50_us']:>11.1f} {row['p99_us']:>11.1f}  {'yes' if row['ok'] else 'NO'}",
+            f"{row['host_cpu_us_per_exit'] or 0:>16.1f} "
+            f"{row['p50_us']:>11.1f} {row['p99_us']:>11.1f} {mem:>23}  "
+            f"{'yes' if row['ok'] else 'NO'}",
             flush=True,
         )
     good = [r for r in rows if "error" not in r and r["per_process"] == 1]

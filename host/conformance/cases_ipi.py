@@ -1,7 +1,9 @@
 """Host cases, suite ``ipi``: interprocessor interrupts through the ICR and KVM's PV send-IPI.
 
 vCPU 0 sends, vCPU 1 (and vCPU 0 itself, for shorthands) receives; both have their APIC
-software-enabled.  Matching rules are KVM's (``lapic-kvm-linux.md`` section 4).
+software-enabled.  Matching rules are KVM's (``lapic-kvm-linux.md`` section 4).  Last,
+``ipi.online-mask``: cpu_online_mask, the page the host holds, whose view decides which
+CPUs a call targets and when the ALLBUT shortcut may be taken.
 """
 
 from __future__ import annotations
@@ -231,3 +233,60 @@ def pv_not_negotiated(ctx: c.Ctx) -> Gen:
     yield from _pair(ctx, features=c.ALL_FEATURES & ~Feature.PV_SEND_IPI)
     done = yield from hypercall(ctx, 0, Hypercall.KVM_HC_SEND_IPI, 0b10, 0, 0, V)
     ctx.equal("RAX", -KvmErrno.KVM_ENOSYS, done.value)
+
+
+# ---------------------------------------------------------------------- cpu_online_mask
+
+
+def _mask_bit(arrival: c.Arrival | None, vcpu: int) -> bool:
+    msg = arrival.msg if arrival is not None else None
+    return (
+        isinstance(msg, m.OnlineMask)
+        and len(msg.mask) > vcpu // 8
+        and bool(msg.mask[vcpu // 8] >> (vcpu % 8) & 1)
+    )
+
+
+@CASES.case(
+    "ipi.online-mask",
+    "cpu_online_mask is one page: a cpu-online store reaches the online vCPUs in "
+    "online-mask, a forged one is refused, a new session reads the page after its welcome",
+    MUST,
+    "protocol.md §4.6",
+)
+def online_mask(ctx: c.Ctx) -> Gen:
+    ctx.require_vcpus(3)
+    welcome = None
+    for vcpu in (0, 1):
+        welcome = yield from session(ctx, vcpu)
+    assert welcome is not None
+    size = (welcome.vcpus + 7) // 8
+    # set_cpu_online: a store, no reply (vCPU 1 is online: a booting CPU reads no mask)
+    yield c.Send(1, m.CpuOnline(cpu=1))
+    yield c.Mark(1)
+    yield c.Send(0, m.CpuOnline(cpu=0))
+    got = yield c.Await(1, (m.OnlineMask,), 1000, match=lambda a: _mask_bit(a, 0))
+    ctx.check(
+        "vCPU 1 reads vCPU 0 online: an online-mask with bit 0 (at most a tick later)",
+        _mask_bit(got, 0) and _mask_bit(got, 1),
+        "online-mask with bits 0 and 1",
+        c.describe(got.msg) if got is not None and got.msg else "none within 1 s",
+    )
+    if got is not None and isinstance(got.msg, m.OnlineMask):
+        ctx.equal("the mask's size: ceil(vcpus / 8) bytes", size, len(got.msg.mask))
+    yield c.Send(0, m.CpuOnline(cpu=2))  # vCPU 0 claims vCPU 2's bit: refused
+    later = yield c.Collect(1, 100, (m.OnlineMask,))
+    ctx.check(
+        "a cpu-online for another vCPU changes nothing",
+        not any(_mask_bit(a, 2) for a in later),
+        "no online-mask with bit 2",
+        [c.describe(a.msg) for a in later if a.msg],
+    )
+    yield from session(ctx, 2)  # vCPU 2, still booting, reads the page at its welcome
+    got = yield c.Await(2, (m.OnlineMask,), 500)
+    ctx.check(
+        "a new session reads the page right after its welcome",
+        _mask_bit(got, 0) and _mask_bit(got, 1) and not _mask_bit(got, 2),
+        "online-mask with bits 0 and 1, not 2",
+        c.describe(got.msg) if got is not None and got.msg else "none within 500 ms",
+    )

@@ -85,6 +85,7 @@ KIND_WEIGHTS = {
     "ping": 3,
     "csd": 2,
     "csd-done": 2,
+    "cpu-online": 1,
     "trace": 1,
     "report": 1,
     "error": 1,
@@ -93,6 +94,7 @@ KIND_WEIGHTS = {
     "inject": 1,
     "pvclock": 1,
     "shutdown": 1,
+    "online-mask": 1,
 }
 #: out of 1000 frames: schema-breaking ones, byte mutations; the rest are valid.  Each
 #: broken frame costs a session (the host answers error, waits 50 ms, drops the pipe)
@@ -201,6 +203,8 @@ class FrameGenerator:
         if rule in ("csd", "csd-done") and self.rng.random() < 0.8:
             wire["src"] = self.vcpu  # mostly stores this vCPU may make
             wire["dst"] = self.rng.randrange(self.vcpus)
+        if rule == "cpu-online" and self.rng.random() < 0.8:
+            wire["cpu"] = self.vcpu  # mostly the store this vCPU may make
         return decode(cbor2.dumps(wire), 1 << 30).msg
 
     def broken(self, rule: str, seq: int, ack: int) -> bytes:

@@ -273,8 +273,9 @@ class ScriptedHost:
         elif isinstance(msg, m.Goodbye):
             self.send(m.Goodbye())
             self.done.set()
-        elif isinstance(msg, m.Csd) and msg.func != "cpu_online":
-            # one vCPU: a store for a vCPU that does not run is answered at once
+        elif isinstance(msg, m.Csd):
+            # one vCPU: a store for a vCPU that does not run is answered at once (the
+            # guest's cpu-online needs no answer: one vCPU reads its own bit back)
             error = f"vCPU {msg.dst} is not running"
             self.send(m.CsdDone(src=msg.dst, dst=msg.src, id=msg.id, ran=0, error=error))
 

@@ -199,6 +199,11 @@ class Peer:
                 # sent for an earlier session and delivered to this pipe: a new process
                 # has no session yet and ignores it (docs/protocol.md §3.4)
                 link, problem = None, "frame of an earlier session (ignored)"
+            elif self.awaiting_welcome and isinstance(frame.msg, m.Welcome):
+                # the session starts here: what follows on this pipe is its own (the
+                # host's online-mask comes right behind the welcome, §3.1), even before
+                # the case has read the welcome
+                self.awaiting_welcome = False
             if link is not None:
                 try:
                     link.receive(data, monotonic_ns())

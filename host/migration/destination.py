@@ -52,10 +52,8 @@ from vtick.host.migration.channel import (
 from vtick.host.migration.state import MigrationError, decode_state, restore_vm, tsc_model_for
 from vtick.host.mutations import MUTATIONS
 from vtick.host.server import Host, HostConfig, LinkState, check_exposure, run_host
-from vtick.proto import messages as m
 from vtick.proto.abi import Feature
-from vtick.proto.codec import decode
-from vtick.proto.errors import ProtocolError
+from vtick.proto.cpumask import decode_mask
 from vtick.proto.eventlog import H_MIGRATE_IN
 from vtick.proto.lifecycle import watch_parent, watch_signals
 from vtick.proto.transport import monotonic_ns, remove_ipc_file
@@ -152,7 +150,7 @@ async def _receive(cfg: HostConfig, channel: Channel) -> tuple[Host, Any, int, d
             continue
         try:
             return _restore(cfg, msg)
-        except (MigrationError, ProtocolError) as exc:
+        except MigrationError as exc:
             _refuse(channel, str(exc))
 
 
@@ -173,8 +171,7 @@ def _restore(cfg: HostConfig, msg: dict[str, Any]) -> tuple[Host, Any, int, dict
 
     Raises:
         MigrationError: the blob is of another version or does not match its schema,
-            or it disagrees with the rest of the message.
-        ProtocolError: a persisted guest store does not decode.
+            or it disagrees with the rest of the message (cpu_online_mask included).
     """
     now = monotonic_ns()
     state = decode_state(msg["state"])
@@ -202,7 +199,10 @@ def _restore(cfg: HostConfig, msg: dict[str, Any]) -> tuple[Host, Any, int, dict
         duration_s=msg["remaining_ns"] / 1e9,
         announce=False,
     )
-    stores = [decode(blob, conf["max_message"]).msg for blob in msg["stores"]]
+    try:
+        decode_mask(msg["online"], conf["vcpus"])  # checked before anything is built
+    except ValueError as exc:
+        raise MigrationError(f"cpu_online_mask: {exc}") from None
     unknown = [name for name in vm_cfg.mutations if name not in MUTATIONS]
     if unknown:
         raise MigrationError(f"the VM carries mutation {unknown[0]!r}, unknown to this vtick")
@@ -221,9 +221,8 @@ def _restore(cfg: HostConfig, msg: dict[str, Any]) -> tuple[Host, Any, int, dict
         "last_exit_ns": {str(link["vcpu"]): link["last_exit"] + offset for link in msg["links"]},
     }
     host.started_at = msg["started_at"] + offset
-    for store in stores:
-        if isinstance(store, m.Csd):
-            host.online_stores[(store.src, store.dst)] = store
+    # guest memory that persists: cpu_online_mask; each vCPU is sent it as it resumes
+    host.online.load(msg["online"])
     if host.history is not None:
         host.history.add(H_MIGRATE_IN, now, offset, msg["frozen_at"])
     links = {link["vcpu"]: link for link in msg["links"]}

@@ -14,7 +14,7 @@ Theory of operation
 3. **Copy.**  Every device's state, the LAPICs, pending injections and each link's
    sequence state and unacknowledged frames become one ``vm-state`` blob
    (``state.save_vm``), sent in ``mig-state`` with what the handshakes agreed, the
-   guest memory that persists (cpu_online stores) and how much of the run is left.
+   guest memory that persists (cpu_online_mask) and how much of the run is left.
 4. **Hand over or step back.**  ``mig-ready`` names where the vCPUs dial next; the
    source then repeats a ``migrate`` control message to every vCPU until its pipe goes
    (the vCPU redialled) and its part of the run is over.  ``mig-refuse``, silence, a
@@ -44,7 +44,6 @@ from vtick.host.migration.channel import (
 from vtick.host.migration.state import MigrationError, encode_state, save_vm
 from vtick.proto import messages as m
 from vtick.proto.clockmath import ClockSample, estimate_offset
-from vtick.proto.codec import encode
 from vtick.proto.eventlog import H_MIGRATE_FAIL, H_MIGRATE_OUT
 from vtick.proto.transport import monotonic_ns
 
@@ -190,7 +189,7 @@ def _state_message(
         "remaining_ns": max(0, end_ns - frozen_at),
         "config": config,
         "links": links,
-        "stores": [encode(s, 0, 0, cfg.max_message) for _, s in sorted(host.online_stores.items())],
+        "online": host.online.wire(),
         "state": blob,
     }
 
