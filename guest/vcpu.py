@@ -91,6 +91,12 @@ SPIN_SLICE_S = 0.005
 TICK_S = 0.02
 #: the wait for the host's goodbye grows with the VM's size (at least goodbye_timeout_s)
 GOODBYE_S_PER_VCPU = 0.1
+#: how long a booted vCPU waits for the others to come online before its workload
+#: starts anyway (at least ALL_ONLINE_S; a big VM on a few cores boots slowly)
+ALL_ONLINE_S = 2.0
+ALL_ONLINE_S_PER_VCPU = 0.02
+#: ... or until no other CPU came online for this long
+ALL_ONLINE_STALL_S = 0.5
 #: issue 13: at most this many timers in flight across a move are kept
 MIGRATION_TIMERS_KEPT = 4096
 #: HDR histogram range for lateness: 1 ns .. 60 s at 3 significant digits
@@ -272,6 +278,8 @@ class GuestVcpu:
         self.turned_away = 0
         self._first_turned_away = 0
         self.workload_started = 0
+        #: how long the booted vCPU waited for the others to come online
+        self.all_online_wait_ns = 0
         # ---- live migration (issue 13): the destination this vCPU was told to move to,
         # the guest ktime the source froze the VM at, and when the vCPU resumed there
         self.migrating_to: str | None = None
@@ -1020,6 +1028,8 @@ class GuestVcpu:
         else:
             raise GuestFatal(4, f"{self.name}: unknown workload {welcome.workload!r}")
         self.workload = workload
+        if welcome.workload in ("ipi", "mixed"):
+            await self._wait_for_all_cpus(kernel)  # its calls go to the other CPUs
         started = clock.read()
         self.workload_started = started
         workload.start(started)
@@ -1046,6 +1056,33 @@ class GuestVcpu:
         if self.history is not None:
             unreported = kernel.ops.pv_eois - self._pv_eois_reported
             self.history.end(clock.read(), kernel.eois, unreported)
+
+    async def _wait_for_all_cpus(self, kernel: GuestKernel) -> None:
+        """Start the workload once every CPU is online, as Linux starts user space only
+        after ``smp_init`` brought every CPU up.  A workload started early sends its
+        calls to the CPUs online so far, one IPI each (the ALLBUT shortcut needs them
+        all), which at 256 vCPUs was most of a boot's exits.  Bounded: a vCPU that
+        never comes up (its process died) delays the start by ALL_ONLINE_STALL_S after
+        the last CPU that did, and by ALL_ONLINE_S at most (more for a big VM); the wait
+        is reported (``all_online_wait_ns``).  Only the IPI workloads wait: a timer
+        workload has no business with the other CPUs."""
+        smp = kernel.smp
+        if len(smp.online) >= smp.ncpus:
+            return
+        began = progress = monotonic_ns()
+        deadline = began + int(max(ALL_ONLINE_S, ALL_ONLINE_S_PER_VCPU * smp.ncpus) * 1e9)
+        seen = len(smp.online)
+        while len(smp.online) < smp.ncpus and not self.shutdown_requested:
+            while self.pending and not self.shutdown_requested:
+                await self._take_interrupt()  # idle with interrupts on
+            now = monotonic_ns()
+            if len(smp.online) > seen:
+                seen, progress = len(smp.online), now
+            if now >= deadline or now - progress >= int(ALL_ONLINE_STALL_S * 1e9):
+                break  # a CPU that does not come up (as smp_init gives up on one)
+            self.give_rx()  # the mask arrives through the receive loop meanwhile
+            await trio.sleep(0.005)
+        self.all_online_wait_ns = monotonic_ns() - began
 
     def _migration_counters(self) -> dict[str, int]:
         """Issue 13: the move as this vCPU saw it (guest ktime ns), for ``blackout_*``."""
@@ -1086,6 +1123,7 @@ class GuestVcpu:
         if kernel is not None:
             counters["smp_cut_off_calls"] = kernel.smp.stats.cut_off
         counters["workload_started_ns"] = self.workload_started
+        counters["all_online_wait_ns"] = self.all_online_wait_ns
         counters |= process_memory_kb()
         if self.migrations:
             counters |= self._migration_counters()

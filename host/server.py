@@ -90,6 +90,17 @@ SUPPORTED_FEATURES = (
 #: every timer event made the host's cost per exit grow with the number of vCPUs
 #: (issue 9); the link timers it serves are 20 ms (acks) and 500 ms (retransmission)
 LINK_TICK_NS = 10_000_000
+#: ... and for a big VM one tick per LINK_TICK_VCPUS vCPUs, up to LINK_TICK_MAX_NS, so
+#: its cost stays about LINK_TICK_VCPUS link visits per 10 ms whatever the VM's size
+#: (64 vCPUs: every 40 ms; the timers it serves are at least 500 ms on the peer's side)
+LINK_TICK_VCPUS = 16
+LINK_TICK_MAX_NS = 100_000_000
+
+
+def link_tick_ns(vcpus: int) -> int:
+    """How often the links' housekeeping runs for a VM of ``vcpus`` vCPUs."""
+    return min(LINK_TICK_MAX_NS, LINK_TICK_NS * max(1, vcpus // LINK_TICK_VCPUS))
+
 #: the wait for the vCPUs' reports grows with their number (at least report_timeout_s)
 REPORT_S_PER_VCPU = 0.25
 REFUSE_GRACE_S = 0.05
@@ -638,6 +649,7 @@ class Host:
         self._housekeeping_at = 0
         self.stopping = False
         self.interrupted: str | None = None
+        self.link_tick_ns = link_tick_ns(cfg.vcpus)
         #: guest memory every vCPU reads: cpu_online_mask, one page (host/onlinemask.py)
         self.online = OnlineMask(
             cfg.vcpus, holdoff_for(cfg.vcpus, LINK_TICK_NS), mutations=self.mutations
@@ -697,7 +709,7 @@ class Host:
         if self._housekeeping_at != NEVER or vl is None or vl.link is None:
             return
         if vl.link.unacked() or vl.link.ack_owed(force=True):
-            self._housekeeping_at = monotonic_ns() + LINK_TICK_NS
+            self._housekeeping_at = monotonic_ns() + self.link_tick_ns
             if self._housekeeping_at < self._sleeping_until:
                 self._alarm.fire_now()
 
@@ -747,8 +759,8 @@ class Host:
         except ValueError as exc:
             source.record_error(str(exc))
             return
-        if changed and now + LINK_TICK_NS < self._housekeeping_at:
-            self._housekeeping_at = now + LINK_TICK_NS  # the tick that sends the masks
+        if changed and now + self.link_tick_ns < self._housekeeping_at:
+            self._housekeeping_at = now + self.link_tick_ns  # the tick that sends the masks
             if self._housekeeping_at < self._sleeping_until:
                 self._alarm.fire_now()
 
@@ -877,6 +889,11 @@ class Host:
         for vl in self.links:
             if vl.link is None or vl.state is LinkState.WAIT_HELLO:
                 continue
+            if vl.state is LinkState.DONE and not vl.peer_connected():
+                # the session ended with goodbyes and its process has left: a final
+                # frame still unacknowledged (the ack of our goodbye, lost as the
+                # process exited) is not a lost peer, and nobody is left to resend to
+                continue
             try:
                 vl.link.poll(now)
             except LinkError as exc:
@@ -893,7 +910,7 @@ class Host:
             vl.flush()
             if vl.link is not None and vl.link.unacked():
                 pending = True
-        return now + LINK_TICK_NS if pending else NEVER
+        return now + self.link_tick_ns if pending else NEVER
 
     async def stop_all(self) -> None:
         """Tell every vCPU to stop, collect reports and goodbyes (bounded wait)."""

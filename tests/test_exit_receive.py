@@ -1,4 +1,4 @@
-"""Issue 9: the exit path's receive.
+"""Issue 9: the exit path's receive, and the IPI workload's wait for every CPU.
 
 A vCPU waiting for an exit's reply reads it itself instead of waking a second task per
 reply (``GuestVcpu._await_reply``); the receive loop takes over before any other wait
@@ -12,15 +12,18 @@ handled twice across the hand-overs.
 from __future__ import annotations
 
 import pathlib
-from typing import cast
+from typing import Any, cast
 
 import pynng
 import pytest
 import trio
 
-from vtick.guest.vcpu import GuestConfig, GuestVcpu
+from vtick.guest.apic import X2ApicOps
+from vtick.guest.smp import Smp
+from vtick.guest.vcpu import ALL_ONLINE_S, ALL_ONLINE_STALL_S, GuestConfig, GuestVcpu
 from vtick.proto import messages as m
 from vtick.proto.codec import DEFAULT_MAX_MESSAGE
+from vtick.proto.cpumask import encode_mask
 from vtick.proto.faultshim import FaultShim
 from vtick.proto.link import Link
 from vtick.proto.transport import PairEndpoint, monotonic_ns
@@ -216,3 +219,48 @@ async def test_fault_shim_wait_keeps_the_frame_it_took(private_tmp: pathlib.Path
             assert shim.try_recv() is None
             nursery.cancel_scope.cancel()
     inner.close()
+
+
+class _Kernel:
+    """What the wait for the other CPUs reads of a kernel: its smp state."""
+
+    def __init__(self, smp: Smp) -> None:
+        self.smp = smp
+
+
+@pytest.mark.parametrize("others_come_up", [True, False])
+async def test_an_ipi_workload_waits_for_every_cpu_and_not_for_a_dead_one(
+    private_tmp: pathlib.Path, others_come_up: bool
+) -> None:
+    vcpu, host_ep, _ = _vcpu(private_tmp)
+    host = ScriptedHost(host_ep)
+    smp = Smp(0, 3, X2ApicOps(0, 3), monotonic_ns)
+    kernel = _Kernel(smp)
+    vcpu.kernel = cast(Any, kernel)
+    assert vcpu.ep is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(host.serve)
+        nursery.start_soon(vcpu.receive_loop)
+        await _until(lambda: bool(host_ep.sock.pipes))
+
+        async def boot_the_others() -> None:
+            for bits in (0b011, 0b111):  # vCPU 1, then vCPU 2 comes online
+                await trio.sleep(0.1)
+                host.link.send(m.OnlineMask(mask=encode_mask(bits, 3)), 0)
+                host_ep.send(host.link.data_to_send())
+
+        if others_come_up:
+            nursery.start_soon(boot_the_others)
+        with trio.fail_after(TIMEOUT_S):
+            await vcpu._wait_for_all_cpus(cast(Any, kernel))
+        if others_come_up:
+            assert smp.online == {0, 1, 2}
+            assert 0.15e9 < vcpu.all_online_wait_ns < ALL_ONLINE_STALL_S * 1e9
+        else:
+            # nobody else comes up: the workload starts after the stall window
+            assert smp.online == {0}
+            assert vcpu.all_online_wait_ns >= ALL_ONLINE_STALL_S * 1e9
+            assert vcpu.all_online_wait_ns < ALL_ONLINE_S * 1e9
+        nursery.cancel_scope.cancel()
+    vcpu.ep.close()
+    host_ep.close()
