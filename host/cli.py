@@ -494,8 +494,16 @@ def _parser() -> argparse.ArgumentParser:
         "--timers",
         type=positive_int,
         default=8,
-        help="timers per process / vCPU (default 8, the issue's storm; 1 is a load vtick "
-        "sustains on two cores, so its ratio is the path's own latency, not queueing)",
+        help="timers per process / vCPU (default 8)",
+    )
+    bl.add_argument(
+        "--min-us",
+        type=positive_int,
+        default=100,
+        help="shortest re-arm, us (default 100: with --max-us 2000 the storm the goal is for)",
+    )
+    bl.add_argument(
+        "--max-us", type=positive_int, default=2000, help="longest re-arm, us (default 2000)"
     )
     bm = bsub.add_parser(
         "migration", help="live migration per timer mode: blackout and delayed timers"
@@ -995,7 +1003,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "lateness":
         from vtick.host.bench.lateness import run_lateness_bench
 
-        return run_lateness_bench(args.rounds, args.duration, args.seed, args.timers)
+        if args.min_us >= args.max_us:
+            print(
+                f"vtick bench lateness: --min-us {args.min_us} must be below --max-us "
+                f"{args.max_us}",
+                file=sys.stderr,
+            )
+            return 2
+        return run_lateness_bench(
+            args.rounds,
+            args.duration,
+            args.seed,
+            args.timers,
+            args.min_us * 1000,
+            args.max_us * 1000,
+        )
     if args.bench == "migration":
         from vtick.host.bench.migration import run_migration_bench
 
