@@ -13,11 +13,13 @@ from vtick.proto.link import ACK_EVERY, Link
 
 RTO = 1_000
 DEAD = 100_000
+G = 100  # RFC 6298's G at the scale of these tests (the default is 20 ms)
 
 
 def make(name: str, **kw) -> Link:
     kw.setdefault("rto_ns", RTO)
     kw.setdefault("dead_after_ns", DEAD)
+    kw.setdefault("granularity_ns", G)
     return Link(name, **kw)
 
 
@@ -147,7 +149,8 @@ def test_control_frame_reveals_gap():
 
 
 def test_rto_retransmission():
-    """Unacknowledged frames are sent again (go-back-N) once the oldest is rto_ns old."""
+    """Unacknowledged frames are sent again once the timer, started by the oldest, expires
+    (all of them here: fewer than RETRANSMIT_BURST)."""
     a = make("A")
     a.send(inj(0), 0)
     a.send(inj(1), 10)
@@ -167,8 +170,11 @@ def test_rto_retransmission():
     assert a.next_deadline() == 3 * RTO + 4 * RTO
 
 
-def test_rto_backs_off_to_a_ceiling_and_resets_on_progress():
-    """A peer slower than the timeout is not sent the window again every rto_ns."""
+def test_rto_backs_off_to_a_ceiling_and_keeps_it_until_a_sample():
+    """A peer slower than the timeout is not sent frames again every rto_ns: the timeout
+    doubles to MAX_RTO_NS; an ack of retransmitted frames only (no RTT sample, Karn) keeps
+    the backed-off value; the next frame acknowledged gives a sample and the RTO collapses
+    to the computed one (RFC 6298 section 5, last paragraph), not to rto_ns."""
     from vtick.proto.link import MAX_RTO_NS
 
     a, b = make("A", dead_after_ns=10**15), make("B")
@@ -182,11 +188,19 @@ def test_rto_backs_off_to_a_ceiling_and_resets_on_progress():
         a.poll(now)
         a.data_to_send()
     assert a.next_deadline() == now + MAX_RTO_NS
+    assert a.stats.timeouts == 30
     deliver(b, frames)
     b.send(m.Ack(), now)
-    deliver(a, b.data_to_send(), now=now)  # progress
+    deliver(a, b.data_to_send(), now=now)  # progress, but only a retransmitted frame
+    assert a.stats.rtt_samples == 0
     a.send(inj(1), now)
-    assert a.next_deadline() == now + RTO  # back to rto_ns
+    assert a.next_deadline() == now + MAX_RTO_NS  # still backed off
+    deliver(b, a.data_to_send(), now=now)
+    b.send(m.Ack(), now + 300)
+    deliver(a, b.data_to_send(), now=now + 300)  # sampled: 300 ns
+    assert (a.stats.rtt_samples, a.stats.srtt_ns, a.stats.rttvar_ns) == (1, 300, 150)
+    a.send(inj(2), now + 400)
+    assert a.next_deadline() == now + 400 + max(RTO, 300 + max(G, 4 * 150))
 
 
 def test_dead_after_names_the_lost_range():
