@@ -101,6 +101,7 @@ def link_tick_ns(vcpus: int) -> int:
     """How often the links' housekeeping runs for a VM of ``vcpus`` vCPUs."""
     return min(LINK_TICK_MAX_NS, LINK_TICK_NS * max(1, vcpus // LINK_TICK_VCPUS))
 
+
 #: the wait for the vCPUs' reports grows with their number (at least report_timeout_s)
 REPORT_S_PER_VCPU = 0.25
 REFUSE_GRACE_S = 0.05
