@@ -13,13 +13,16 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hostproc import alive, children_of, cmdline
 
 from vtick.host.cli import _parser
 from vtick.host.conformance import case as c
@@ -352,3 +355,35 @@ def test_the_suite_runs_against_a_host_it_did_not_start(monkeypatch) -> None:
         )  # shutdown needs its own host
     finally:
         host.cleanup()
+
+
+@pytest.mark.processes
+def test_a_runner_killed_with_sigkill_leaves_no_host_behind(private_tmp) -> None:
+    """The host ``vtick conformance host`` starts (for a day: the suite decides when it
+    ends) watches its runner: a runner killed outright takes its host along."""
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "vtick.host", "conformance", "host"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        hosts: list[int] = []
+        while not hosts and time.monotonic() < deadline:
+            time.sleep(0.05)
+            hosts = [p for p in children_of(runner.pid) if " host --listen " in cmdline(p)]
+        assert hosts, "the runner started no host"
+        # it watches the runner's pid (an idle host writes nothing, so a broken stderr
+        # pipe would never tell it)
+        environ = pathlib.Path(f"/proc/{hosts[0]}/environ").read_bytes().split(b"\0")
+        assert f"VTICK_PARENT_PID={runner.pid}".encode() in environ
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 10
+        while alive(hosts[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(hosts[0]), cmdline(hosts[0])
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vtick.proto.lifecycle import PARENT_ENV
 from vtick.proto.transport import monotonic_ns
 
 __all__ = ["HostSpec", "HostProcess", "TargetError", "own_host_command"]
@@ -91,7 +92,9 @@ class HostProcess:
         self.results: dict | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        env = dict(os.environ, VTICK_TOKEN=self.spec.token.hex())
+        # the host stops when this process is gone (proto/lifecycle.py), as a run's
+        # children do: a runner killed with SIGKILL left a day-long host behind
+        env = dict(os.environ, VTICK_TOKEN=self.spec.token.hex(), **{PARENT_ENV: str(os.getpid())})
         try:
             self.proc = await trio.lowlevel.open_process(
                 self.argv,
