@@ -402,9 +402,8 @@ class GuestVcpu:
             await self._take_rx()
         ep = self.ep
         assert ep is not None
-        # the reply cannot be there yet: wait first (a frame already queued makes the
-        # wait return at once), then take every frame queued
-        await ep.wait_recv()
+        # frames that arrived while the vCPU ran (an injection) are read first, without
+        # a scheduler pass; then it waits for the reply
         while self._outstanding is not None:
             data = ep.try_recv_bytes()
             if data is None:
