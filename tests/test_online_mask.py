@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from test_guest_smp import drive as drive_op
 
 from vtick.guest.apic import X2ApicOps
-from vtick.guest.cpu import MemoryWrite
 from vtick.guest.smp import Smp
 from vtick.guest.vcpu import GuestConfig, GuestFatal, GuestVcpu
 from vtick.host.migration.channel import pack, unpack
@@ -87,20 +87,8 @@ class Clock:
 
 def drive(op: Any) -> tuple[list[m.Message], list[m.Message]]:
     """Run an op: exits answered with 0; returns (stores, exits)."""
-    stores: list[m.Message] = []
-    exits: list[m.Message] = []
-    value = None
-    try:
-        while True:
-            item = op.send(value)
-            value = None
-            if isinstance(item, MemoryWrite):
-                stores.append(item.msg)
-            elif isinstance(item, m.ExitMessage):
-                exits.append(item)
-                value = m.ExitReply(re=0, value=0, fault=0, host_ns=0)
-    except StopIteration:
-        return stores, exits
+    _, stores, exits = drive_op(op)
+    return stores, exits
 
 
 def test_a_cpu_announces_itself_with_one_store_whatever_the_vm_size() -> None:
