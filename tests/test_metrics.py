@@ -193,3 +193,13 @@ def test_trace_has_timer_event_spans_and_csd_flows_across_vcpus():
     assert ran[0]["bind_id"] == calls[0]["bind_id"]
     outs = sorted(e["bind_id"] for e in events if e.get("flow_out"))
     assert outs == sorted(e["bind_id"] for e in events if e.get("flow_in"))
+
+
+def test_a_vcpu_without_a_report_is_named_among_the_problems():
+    raw = results()
+    raw["ok"] = False
+    raw["vcpus"][-1]["guest"] = None
+    met = run_metrics(raw)
+    assert not met["ok"]
+    vcpu = raw["vcpus"][-1]["vcpu"]
+    assert f"1 vCPU(s) sent no report (first: vCPU {vcpu})" in met["problems"]

@@ -608,3 +608,30 @@ def test_a_vcpu_whose_clock_has_another_origin_still_keeps_time() -> None:
         assert guest["lateness_max_ns"] < 1_000_000_000
     finally:
         host.cleanup()
+
+
+async def test_a_host_that_ends_with_errors_is_judged_by_its_results() -> None:
+    """``vtick host`` exits 1 when its run had errors (and says which in its results):
+    the launcher keeps those results instead of failing the path with a bare status."""
+    from vtick.host.lab.launcher import HOST_RUN_HAD_ERRORS, _supervise
+
+    class Exited:
+        pid = 4242
+
+        def __init__(self, status: int) -> None:
+            self.status = status
+
+        async def wait(self) -> int:
+            return self.status
+
+    for name, status, failed in (
+        ("host", HOST_RUN_HAD_ERRORS, False),
+        ("host", 2, True),
+        ("host", -9, True),
+        ("vCPU 3", 1, True),
+    ):
+        failure: list[str] = []
+        with trio.CancelScope() as scope:
+            await _supervise(name, Exited(status), scope, failure)  # type: ignore[arg-type]
+        assert bool(failure) is failed, (name, status, failure)
+        assert scope.cancel_called is failed

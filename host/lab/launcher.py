@@ -415,10 +415,20 @@ async def _wait_ready(host: trio.Process) -> None:
     raise RunFailed(f"host (pid {host.pid}) not ready within {READY_TIMEOUT_S} s")
 
 
+#: ``vtick host``'s exit status when its run completed with errors (its results say
+#: which: ``"ok": false``); any other non-zero status is a failure of the host itself
+HOST_RUN_HAD_ERRORS = 1
+
+
 async def _supervise(
     name: str, proc: trio.Process, scope: trio.CancelScope, failure: list[str]
 ) -> None:
     status = await proc.wait()
+    if status == HOST_RUN_HAD_ERRORS and name == "host":
+        # the host finished and wrote results that say what went wrong (link errors,
+        # missing reports): those are the path's figures and errors, shown as such, not
+        # a bare "exited with status 1" that throws them away
+        return
     if status != 0 and not failure:
         failure.append(f"{name} (pid {proc.pid}) {describe_status(status)}")
         scope.cancel()

@@ -207,6 +207,9 @@ def run_metrics(results: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"{out['csds']['errors']} smp_call_function error(s)")
     if out["link_errors"]:
         problems.append(f"{len(out['link_errors'])} link error(s)")
+    silent = [v["vcpu"] for v in results["vcpus"] if v.get("guest") is None]
+    if not results.get("ok", False) and silent:
+        problems.append(f"{len(silent)} vCPU(s) sent no report (first: vCPU {silent[0]})")
     if not results.get("ok", False) and not problems:
         problems.append("the host marked the run not ok")
     out["problems"] = problems
