@@ -12,6 +12,8 @@ handled twice across the hand-overs.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pynng
@@ -60,14 +62,29 @@ class ScriptedHost:
                     self.ep.send(self.link.data_to_send())
 
 
-def _vcpu(tmp: pathlib.Path) -> tuple[GuestVcpu, PairEndpoint, str]:
+@asynccontextmanager
+async def linked(
+    tmp: pathlib.Path, injects_per_exit: int = 1
+) -> AsyncIterator[tuple[GuestVcpu, ScriptedHost]]:
+    """A real GuestVcpu past its handshake, dialled to a scripted host end, with both
+    receiving; everything is closed afterwards."""
     url = f"ipc://{tmp}/link.0"
     host_ep = PairEndpoint.listen(url, DEFAULT_MAX_MESSAGE)
     vcpu = GuestVcpu(GuestConfig(connect=f"ipc://{tmp}/link", vcpu=0, token=b"t" * 32))
     vcpu.ep = PairEndpoint.dial(url, DEFAULT_MAX_MESSAGE)
     # past the handshake: _on_frame takes every frame as the session's
     vcpu.welcome = cast(m.Welcome, object())
-    return vcpu, host_ep, url
+    host = ScriptedHost(host_ep, injects_per_exit)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host.serve)
+            nursery.start_soon(vcpu.receive_loop)
+            await _until(lambda: bool(host_ep.sock.pipes))
+            yield vcpu, host
+            nursery.cancel_scope.cancel()
+    finally:
+        vcpu.ep.close()
+        host_ep.close()
 
 
 async def _until(predicate: object) -> None:
@@ -80,14 +97,8 @@ async def _until(predicate: object) -> None:
 async def test_exits_read_their_replies_and_every_frame_before_them(
     private_tmp: pathlib.Path,
 ) -> None:
-    vcpu, host_ep, _ = _vcpu(private_tmp)
-    host = ScriptedHost(host_ep, injects_per_exit=2)
-    assert vcpu.ep is not None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(host.serve)
-        nursery.start_soon(vcpu.receive_loop)
+    async with linked(private_tmp, injects_per_exit=2) as (vcpu, host):
         # before any exit the receive loop receives
-        await _until(lambda: host_ep.current_pipe is not None or host_ep.sock.pipes)
         host.inject()
         await _until(lambda: len(vcpu.pending) == 1)
         assert not vcpu._exit_rx
@@ -121,20 +132,12 @@ async def test_exits_read_their_replies_and_every_frame_before_them(
         assert reply.re == host.exits[-1]
         assert len(vcpu.pending) == 44
         assert vcpu.link.stats.duplicates == 0
-        nursery.cancel_scope.cancel()
-    vcpu.ep.close()
-    host_ep.close()
 
 
 async def test_frames_queued_between_exits_are_drained_without_waiting(
     private_tmp: pathlib.Path,
 ) -> None:
-    vcpu, host_ep, _ = _vcpu(private_tmp)
-    host = ScriptedHost(host_ep, injects_per_exit=0)
-    assert vcpu.ep is not None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(host.serve)
-        nursery.start_soon(vcpu.receive_loop)
+    async with linked(private_tmp, injects_per_exit=0) as (vcpu, host):
         with trio.fail_after(TIMEOUT_S):
             await vcpu.exit(m.ExitHypercall(nr=1, args=[]))
         # the vCPU's task owns the receiving: nobody waits on the socket now
@@ -144,9 +147,6 @@ async def test_frames_queued_between_exits_are_drained_without_waiting(
         assert not vcpu.pending
         vcpu._drain_rx()  # what run_kernel does before it yields between calls
         assert [p[0] for p in vcpu.pending] == list(range(0x40, 0x45))
-        nursery.cancel_scope.cancel()
-    vcpu.ep.close()
-    host_ep.close()
 
 
 async def test_try_recv_names_the_pipe_and_never_waits(private_tmp: pathlib.Path) -> None:
@@ -232,35 +232,26 @@ class _Kernel:
 async def test_an_ipi_workload_waits_for_every_cpu_and_not_for_a_dead_one(
     private_tmp: pathlib.Path, others_come_up: bool
 ) -> None:
-    vcpu, host_ep, _ = _vcpu(private_tmp)
-    host = ScriptedHost(host_ep)
     smp = Smp(0, 3, X2ApicOps(0, 3), monotonic_ns)
     kernel = _Kernel(smp)
-    vcpu.kernel = cast(Any, kernel)
-    assert vcpu.ep is not None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(host.serve)
-        nursery.start_soon(vcpu.receive_loop)
-        await _until(lambda: bool(host_ep.sock.pipes))
 
-        async def boot_the_others() -> None:
-            for bits in (0b011, 0b111):  # vCPU 1, then vCPU 2 comes online
-                await trio.sleep(0.1)
-                host.link.send(m.OnlineMask(mask=encode_mask(bits, 3)), 0)
-                host_ep.send(host.link.data_to_send())
+    async def boot_the_others(host: ScriptedHost) -> None:
+        for bits in (0b011, 0b111):  # vCPU 1, then vCPU 2 comes online
+            await trio.sleep(0.1)
+            host.link.send(m.OnlineMask(mask=encode_mask(bits, 3)), 0)
+            host.ep.send(host.link.data_to_send())
 
+    async with linked(private_tmp) as (vcpu, host), trio.open_nursery() as nursery:
+        vcpu.kernel = cast(Any, kernel)
         if others_come_up:
-            nursery.start_soon(boot_the_others)
+            nursery.start_soon(boot_the_others, host)
         with trio.fail_after(TIMEOUT_S):
             await vcpu._wait_for_all_cpus(cast(Any, kernel))
-        if others_come_up:
-            assert smp.online == {0, 1, 2}
-            assert 0.15e9 < vcpu.all_online_wait_ns < ALL_ONLINE_STALL_S * 1e9
-        else:
-            # nobody else comes up: the workload starts after the stall window
-            assert smp.online == {0}
-            assert vcpu.all_online_wait_ns >= ALL_ONLINE_STALL_S * 1e9
-            assert vcpu.all_online_wait_ns < ALL_ONLINE_S * 1e9
-        nursery.cancel_scope.cancel()
-    vcpu.ep.close()
-    host_ep.close()
+    if others_come_up:
+        assert smp.online == {0, 1, 2}
+        assert 0.15e9 < vcpu.all_online_wait_ns < ALL_ONLINE_STALL_S * 1e9
+    else:
+        # nobody else comes up: the workload starts after the stall window
+        assert smp.online == {0}
+        assert vcpu.all_online_wait_ns >= ALL_ONLINE_STALL_S * 1e9
+        assert vcpu.all_online_wait_ns < ALL_ONLINE_S * 1e9

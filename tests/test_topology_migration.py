@@ -16,13 +16,14 @@ import uuid
 import pytest
 from hostproc import free_ports
 from rich.console import Console
+from test_topology_spec import error
 
 from vtick.host.migration.results import merge_migration, moved
 from vtick.host.topology import check
 from vtick.host.topology.certs import make_pair
 from vtick.host.topology.netns import existing_namespaces
 from vtick.host.topology.report import migration_table
-from vtick.host.topology.spec import Migration, TopologyError, load, loads
+from vtick.host.topology.spec import Migration, load, loads
 
 VTICK = [sys.executable, "-m", "vtick.host"]
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "topologies")
@@ -40,15 +41,6 @@ address = "10.77.0.2/24"
 [[veths]]
 ends = ["a", "b"]
 """
-
-
-def error(text: str) -> str:
-    with pytest.raises(TopologyError) as info:
-        loads(text, "t.toml")
-    line = str(info.value)
-    assert "\n" not in line
-    assert line.startswith("t.toml: ")
-    return line
 
 
 # ---------------------------------------------------------------------- the spec

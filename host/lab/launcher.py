@@ -266,7 +266,11 @@ async def launch(opts: RunOptions, results_path: str | None = None) -> dict:
                 children.add(f"vCPU {first}" if first == last else f"vCPUs {first}-{last}", proc)
             for name, proc in children.procs:
                 if proc is not dest:  # (its end is judged once the source's is known)
-                    nursery.start_soon(_supervise, name, proc, nursery.cancel_scope, failure)
+                    # the host's status 1 is a run with errors its results describe
+                    tolerated = HOST_RUN_HAD_ERRORS if proc is host else 0
+                    nursery.start_soon(
+                        _supervise, name, proc, nursery.cancel_scope, failure, tolerated
+                    )
             # the host waits for every vCPU's report at the end, longer for a big VM
             # (host/server.py REPORT_S_PER_VCPU): so does the grace
             grace = opts.host_grace_s + REPORT_S_PER_VCPU * opts.vcpus
@@ -421,15 +425,17 @@ HOST_RUN_HAD_ERRORS = 1
 
 
 async def _supervise(
-    name: str, proc: trio.Process, scope: trio.CancelScope, failure: list[str]
+    name: str,
+    proc: trio.Process,
+    scope: trio.CancelScope,
+    failure: list[str],
+    tolerated: int = 0,
 ) -> None:
+    """A child that exits with a status other than 0 (or ``tolerated``: the host's
+    status when it wrote results that say what went wrong, which are then the path's
+    figures and errors, not a bare status that throws them away) fails the path."""
     status = await proc.wait()
-    if status == HOST_RUN_HAD_ERRORS and name == "host":
-        # the host finished and wrote results that say what went wrong (link errors,
-        # missing reports): those are the path's figures and errors, shown as such, not
-        # a bare "exited with status 1" that throws them away
-        return
-    if status != 0 and not failure:
+    if status not in (0, tolerated) and not failure:
         failure.append(f"{name} (pid {proc.pid}) {describe_status(status)}")
         scope.cancel()
 
