@@ -1006,6 +1006,7 @@ class GuestVcpu:
         if welcome.workload == "ipi":
             kernel.smp.on_call = self.stats.record_call  # no timers: calls are the timeline
         params = {k: p.default for k, p in WORKLOAD_PARAMS.items()} | welcome.params
+        kernel.smp.timeout_ns = params["csd_lock_timeout_ms"] * 1_000_000
         seed = welcome.seed * 1_000_003 + self.cfg.vcpu
         workload: Workload
         storm = TimerStormWorkload(

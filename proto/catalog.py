@@ -77,6 +77,12 @@ WORKLOAD_PARAMS: dict[str, WorkloadParam] = {
     "ipi_every_ns": WorkloadParam(
         2_000_000, 10_000, 10_000_000_000, ("mixed",), "smp_call_function period"
     ),
+    # Linux's smp.csd_lock_timeout (kernel/smp.c, CONFIG_CSD_LOCK_WAIT_DEBUG): 5000 ms
+    # before a csd_lock_wait is reported as stuck.  A kernel boot parameter rather than a
+    # workload's, but it travels to the guest the same way.
+    "csd_lock_timeout_ms": WorkloadParam(
+        5_000, 1, 300_000, ("ipi", "mixed"), "csd_lock_wait before a call is an error"
+    ),
 }
 
 #: named places in the guest's kernel paths where a delay can be injected

@@ -77,7 +77,8 @@ LINK_RECOVERY_NS = 600_000_000
 EARLY_TOLERANCE_NS = 1_000
 #: at most this many violations are kept as examples
 EXAMPLES = 5
-#: faults that can make a csd wait run out its 1 s timeout (a window lasts at most 8 ms)
+#: faults that can make a csd wait run out its timeout (smp.csd_lock_timeout, 5 s by
+#: default; a window lasts at most 8 ms)
 CALL_BLAME = ("stop", "crash", "host-stop", "link", "migration")
 #: issue 13: a live migration's blackout, as a fault on the host (every vCPU) in
 #: RunContext.faults: from the freeze to the last vCPU's resume on the destination (or,
