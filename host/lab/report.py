@@ -344,7 +344,7 @@ def _notes(campaign: dict[str, Any], family: str, rows: list[dict[str, Any]]) ->
             notes.append(
                 Text(
                     f"{row['name']}: {errors} smp_call_function call(s) failed (a target did "
-                    "not run its csd within the csd lock timeout, 5 s by default, or was not running)",
+                    "not run its csd within the csd lock timeout, or was not running)",
                     style="red",
                 )
             )
