@@ -318,6 +318,10 @@ def run_transport_bench(count: int = 5000, warmup: int = 500, block: int = 250) 
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        with contextlib.suppress(OSError):  # a killed reader: broken pipe
+                            pipe.close()
     print(
         f"{'path':<26} {'median us':>10} {'p99 us':>10} {'client cpu us':>14} {'server cpu us':>14}"
     )
