@@ -92,9 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for i in args.vcpu
     ]
-    from vtick.proto.lifecycle import freeze_startup_objects
-
-    freeze_startup_objects()
     try:
         return trio.run(run_guests, cfgs)
     except KeyboardInterrupt:

@@ -28,7 +28,6 @@ from hdrh.histogram import HdrHistogram
 from vtick.guest.vcpu import GuestConfig, GuestVcpu
 from vtick.proto import cliargs
 from vtick.proto import messages as m
-from vtick.proto.lifecycle import freeze_startup_objects
 
 __all__ = ["main"]
 
@@ -85,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--serve", action="store_true", help="take block sizes on stdin")
     args = p.parse_args(argv)
     token = cliargs.read_token(None)
-    freeze_startup_objects()  # as a vCPU process does (guest/cli.py)
     trio.run(_serve, args.connect, token, args.nr)
     return 0
 

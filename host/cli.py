@@ -959,9 +959,6 @@ def _cmd_host(args: argparse.Namespace) -> int:
         incoming=args.incoming,
         migrate_timeout_s=args.migrate_timeout,
     )
-    from vtick.proto.lifecycle import freeze_startup_objects
-
-    freeze_startup_objects()
     try:
         results = trio.run(serve, cfg)
     except OSError as exc:

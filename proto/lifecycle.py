@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["PARENT_ENV", "freeze_startup_objects", "watch_parent", "watch_signals"]
+__all__ = ["PARENT_ENV", "watch_parent", "watch_signals"]
 
 #: set by ``vtick run`` in its children: the launcher's pid
 PARENT_ENV = "VTICK_PARENT_PID"
 PARENT_POLL_S = 0.25
-
-
-def freeze_startup_objects() -> int:
-    """Move every object alive now out of the cyclic garbage collector's sight
-    (``gc.freeze``); returns how many there were.
-
-    Called once, after the imports and before the run: what the imports built (modules,
-    classes, functions, the compiled CDDL predicates: 30 000-40 000 tracked objects in a
-    host or vCPU process) lives as long as the process, yet every collection of the
-    oldest generation used to traverse all of it again, in the middle of some exit or
-    timer interrupt.  Frozen, it is never traversed (and never collected, which costs
-    nothing for objects that never become garbage).  docs/performance.md has the
-    lateness before and after.
-    """
-    gc.collect()  # what the imports left as garbage goes now, not into the frozen set
-    frozen = len(gc.get_objects())
-    gc.freeze()
-    return frozen
 
 
 async def watch_parent(on_orphaned: trio.CancelScope | None = None) -> None:
