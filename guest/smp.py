@@ -9,7 +9,9 @@ every target unlocked its csd.  A dead or unresponsive target ends the wait with
 error after ``timeout_ns``, never a hang.  The end of the run is not such an error: once
 the host's shutdown arrived (``end_of_run``) the targets stop running csds, so a wait
 still open is *cut off* at once, counted apart and recorded neither as a call latency
-nor as an error (it would otherwise wait out the whole timeout and poison both).
+nor as an error (it would otherwise wait out the whole timeout and poison both).  A call
+the vCPU is stopped in the middle of (the shutdown stops it at its next exit:
+``guest/vcpu.py`` ``run_op``) is cut off the same way.
 
 Target (``flush_queue``, from the CALL_FUNCTION vectors' handler): drain the queue; a
 synchronous csd runs its function, then unlocks; an asynchronous one unlocks first.
@@ -170,10 +172,34 @@ class Smp:
         if func not in FUNCTIONS:
             raise ValueError(f"unknown function {func!r}")
         self.stats.calls += 1
+        keys: list[tuple[int, int]] = []
+        try:
+            return (yield from self._call_many(targets, func, info, wait, run_local, keys))
+        except GeneratorExit:
+            # The vCPU stopped in the middle of the call (the run ended: the VMM kicked
+            # it out of the guest, guest/vcpu.py run_op): cut off like a wait the end of
+            # the run cuts off, neither a latency nor an error, and every csd queued so
+            # far ends its wait as cut off in the history (call-completes).
+            self.stats.cut_off += 1
+            for key in keys:
+                self.outstanding.pop(key, None)
+                if self.listener is not None:
+                    self.listener(G_CSD_WAIT, key[1], key[0], CSD_CUT_OFF)
+            raise
+
+    def _call_many(
+        self,
+        targets: Iterable[int],
+        func: str,
+        info: int,
+        wait: bool,
+        run_local: bool,
+        keys: list[tuple[int, int]],
+    ) -> KernelOp[list[str]]:
+        """:meth:`call_function_many`'s body; ``keys`` collects the csds it queues."""
         started = self.clock()
         mask = sorted({t for t in targets if t in self.online})
         remote = [t for t in mask if t != self.cpu]
-        keys: list[tuple[int, int]] = []
         need_ipi: list[int] = []
         for target in remote:
             was_empty = not any(dst == target for dst, _ in self.outstanding)

@@ -585,6 +585,9 @@ class VcpuLink:
                 self.send(m.Goodbye(), now)
                 # the guest's final frame acked our goodbye if it arrives; give it a moment
             self.state = LinkState.DONE
+            # the vCPU has stopped for good: its host timers go with it (KVM's vCPU
+            # destroy); a periodic LAPIC timer would otherwise fire on until the host ends
+            self.host.machine.cancel_vcpu_timers(self.vcpu)
             self.goodbye.set()
         elif isinstance(msg, m.Error):
             self.record_error(f"vCPU reported a protocol error: {msg.reason}")
@@ -873,6 +876,8 @@ class Host:
                 self._alarm.arm(wake)
             else:
                 self._alarm.disarm()
+            # a checkpoint even when the deadline has passed (proto/timerfd.py): a loop
+            # that is behind must still let the receive loops and the run clock run
             await self._alarm.wait()
             self._sleeping_until = -1  # awake: nothing needs kicking
             if self.frozen:

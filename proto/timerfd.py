@@ -119,18 +119,31 @@ class Alarm:
             _settime_abs(self._fd, 0)
 
     async def wait(self) -> None:
-        """Sleep until the armed expiry passes (for ever while disarmed)."""
+        """Sleep until the armed expiry passes (for ever while disarmed).
+
+        Always a checkpoint, as every trio wait is, also when the expiry has passed
+        already: a loop that is behind its timers (256 periodic LAPIC timers at 1 kHz on
+        2 cores: every pass finds the next period due) would otherwise go from pass to
+        pass without ever letting another task run; the host's receive loops and its run
+        clock starved, and a 2 s run's host was still running 124 s later (issue 9).
+        """
         if self._fd >= 0:
+            waited = False
             while True:
                 try:
                     os.read(self._fd, 8)  # the expiration count; consuming it re-arms
-                    return
+                    break
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self._fd)
+                    waited = True
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            return
         while True:
             self._event = trio.Event()
             if self._expiry and time.monotonic_ns() >= self._expiry:
                 self._expiry = 0
+                await trio.lowlevel.checkpoint()
                 return
             deadline = (
                 trio.current_time() + (self._expiry - time.monotonic_ns()) / 1e9

@@ -47,3 +47,15 @@ async def test_resolution_beats_the_millisecond_grid() -> None:
         await sleep_until_ns(target)
         overshoot.append(time.monotonic_ns() - target)
     assert sorted(overshoot)[20] < 700_000
+
+
+async def test_a_wait_whose_expiry_passed_is_still_a_checkpoint() -> None:
+    """A loop behind its timers must let other tasks run (issue 9: 256 periodic LAPIC
+    timers starved the host's receive loops).  Planted: the read that succeeds at once
+    returns without a checkpoint, and assert_checkpoints fails."""
+    from trio.testing import assert_checkpoints
+
+    with Alarm() as alarm:
+        alarm.arm(time.monotonic_ns() - 1_000_000)
+        with assert_checkpoints():
+            await alarm.wait()
