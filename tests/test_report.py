@@ -415,3 +415,23 @@ def test_an_interrupted_campaign_shows_what_finished_and_says_so():
     assert "pv-ktime" in text
     assert "INTERRUPTED (SIGINT) after 1 of 3 paths" in text
     assert report.campaign_status(doc)[1] is False
+
+
+def test_stalls_of_many_vcpus_are_grouped_and_capped() -> None:
+    """A packed process's vCPUs stop together: one line for them, not one each; the
+    longest first; at most STALL_LINES lines, then how many more the results hold (a
+    256-vCPU run printed 1 559 stall lines)."""
+
+    def stall(who: str, at: float, length: float) -> dict:
+        return metrics._stall(who, "stopped responding", int(at * 1e9), int((at + length) * 1e9), 0)
+
+    stalls = [stall(f"vCPU {v}", 2.0, 0.4) for v in (*range(16, 32), 40, 41, 43)]
+    stalls += [stall("vCPU 7", 1.0, 0.3), stall("the host", 0.5, 3.0)]
+    stalls += [stall(f"vCPU {v}", 10.0 + v, 0.1) for v in range(100, 120)]  # 20 alone
+    lines = report.stall_lines(stalls)
+    assert lines[0] == "the host stopped responding for 3.0 s at 0.5 s"
+    assert lines[1] == "vCPUs 16-31,40-41,43 stopped responding for 0.4 s at 2.0 s"
+    assert lines[2] == "vCPU 7 stopped responding for 0.3 s at 1.0 s"
+    assert len(lines) == report.STALL_LINES + 1
+    assert lines[-1] == f"... 13 more (stalls in the results JSON: {len(stalls)} in all)"
+    assert report.stall_lines(stalls[:2]) == ["vCPUs 16-17 stopped responding for 0.4 s at 2.0 s"]
