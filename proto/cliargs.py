@@ -27,6 +27,7 @@ __all__ = [
     "read_token",
     "url",
     "vcpu_list",
+    "vcpu_ranges",
 ]
 
 #: the environment variable that carries the run token (never the command line)
@@ -70,6 +71,23 @@ def vcpu_list(text: str) -> list[int]:
     if len(set(out)) != len(out):
         raise argparse.ArgumentTypeError(f"{text!r} names a vCPU twice")
     return out
+
+
+def vcpu_ranges(values: list[int], sep: str = ",") -> str:
+    """The inverse of :func:`vcpu_list` for sorted indexes: [0, 1, 2, 5] -> '0-2,5'
+    ('-' for none)."""
+    if not values:
+        return "-"
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return sep.join(parts)
 
 
 def duration(text: str) -> float:

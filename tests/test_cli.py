@@ -220,3 +220,13 @@ def test_histograms_have_cyclictest_json_shape(tmp_path):
     assert set(hist["sysinfo"]) >= {"sysname", "release", "machine", "realtime"}
     assert histogram_paths("h.json", ["pv-ktime"]) == {"pv-ktime": "h.json"}
     assert os.path.basename(written[1]) == "lat.vmi.json"
+
+
+def test_vcpu_ranges_is_the_inverse_of_vcpu_list() -> None:
+    from vtick.proto.cliargs import vcpu_list, vcpu_ranges
+
+    for cpus in ([0], [0, 1, 2, 5], [3, 7, 8, 9, 11], list(range(16, 32))):
+        assert vcpu_list(vcpu_ranges(cpus)) == cpus
+    assert vcpu_ranges([0, 1, 2, 5]) == "0-2,5"
+    assert vcpu_ranges([0, 1, 2, 5], ", ") == "0-2, 5"
+    assert vcpu_ranges([]) == "-"

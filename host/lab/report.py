@@ -35,6 +35,8 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from vtick.proto.cliargs import vcpu_ranges
+
 __all__ = [
     "family_rows",
     "rank_basis",
@@ -324,7 +326,7 @@ def stall_lines(stalls: list[dict[str, Any]], limit: int = STALL_LINES) -> list[
             others.append(stall)
     lines: list[tuple[float, str]] = [(s["duration_s"], s["text"]) for s in others]
     for (rest, duration, _), vcpus in groups.items():
-        who = f"vCPU {vcpus[0]}" if len(vcpus) == 1 else f"vCPUs {_ranges(sorted(vcpus))}"
+        who = f"vCPU {vcpus[0]}" if len(vcpus) == 1 else f"vCPUs {vcpu_ranges(sorted(vcpus))}"
         lines.append((float(duration), who + rest))
     lines.sort(key=lambda line: -line[0])
     out = [text for _, text in lines[:limit]]
@@ -333,20 +335,6 @@ def stall_lines(stalls: list[dict[str, Any]], limit: int = STALL_LINES) -> list[
             f"... {len(lines) - limit} more (stalls in the results JSON: {len(stalls)} in all)"
         )
     return out
-
-
-def _ranges(cpus: list[int]) -> str:
-    """0 1 2 3 7 9 10 -> '0-3,7,9-10'."""
-    parts: list[str] = []
-    start = prev = cpus[0]
-    for cpu in [*cpus[1:], None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(parts)
 
 
 def _notes(campaign: dict[str, Any], family: str, rows: list[dict[str, Any]]) -> list[Text]:

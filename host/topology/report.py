@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vtick.host.lab.report import comparison_tables, duration_text
+from vtick.proto.cliargs import vcpu_ranges
 
 __all__ = ["print_topology", "vm_campaign", "migration_table"]
 
@@ -54,7 +55,7 @@ def vm_campaign(vm: dict[str, Any]) -> dict[str, Any]:
 def _headline(vm: dict[str, Any]) -> Text:
     cfg = vm["config"]
     where = "; ".join(
-        f"vCPU {_ranges(ids)} on {machine}" for machine, ids in vm["placement"].items()
+        f"vCPU {vcpu_ranges(ids)} on {machine}" for machine, ids in vm["placement"].items()
     )
     what = cfg["workload"] if cfg["workload"] != "timers" else f"{cfg['mode']} timers"
     mig = vm.get("migration")
@@ -248,18 +249,3 @@ def _problem(vm: dict[str, Any]) -> str:
     if problems:
         return ", ".join(problems)
     return f"alone: {(vm.get('alone') or {}).get('error', 'no result')}"
-
-
-def _ranges(ids: list[int]) -> str:
-    if not ids:
-        return "-"
-    parts: list[str] = []
-    start = prev = ids[0]
-    for v in [*ids[1:], None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)

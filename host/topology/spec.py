@@ -51,6 +51,7 @@ from vtick.proto.catalog import (
     WORKLOAD_NAMES,
     WORKLOAD_PARAMS,
 )
+from vtick.proto.cliargs import vcpu_ranges
 
 __all__ = [
     "TopologyError",
@@ -736,7 +737,8 @@ class _Reader:
         missing = [i for i in range(vcpus) if i not in out]
         if missing:
             raise self.fail(
-                f"{where}.place", f"vCPU {_ranges(missing)} placed nowhere (vcpus = {vcpus})"
+                f"{where}.place",
+                f"vCPU {vcpu_ranges(missing, ', ')} placed nowhere (vcpus = {vcpus})",
             )
         return out
 
@@ -862,17 +864,3 @@ def _kind_name(kind: Any) -> str:
         list: "an array",
     }
     return names.get(kind, str(kind))
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5'."""
-    parts: list[str] = []
-    start = prev = values[0]
-    for v in [*values[1:], None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ", ".join(parts)
