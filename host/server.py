@@ -713,8 +713,14 @@ class Host:
         if self._housekeeping_at != NEVER or vl is None or vl.link is None:
             return
         if vl.link.unacked() or vl.link.ack_owed(force=True):
-            self._housekeeping_at = monotonic_ns() + self.link_tick_ns
-            if self._housekeeping_at < self._sleeping_until:
+            self._housekeeping_by(monotonic_ns() + self.link_tick_ns)
+
+    def _housekeeping_by(self, at: int) -> None:
+        """Run the link housekeeping at ``at`` at the latest, waking the timer loop if it
+        sleeps past that."""
+        if at < self._housekeeping_at:
+            self._housekeeping_at = at
+            if at < self._sleeping_until:
                 self._alarm.fire_now()
 
     def connected(self, link: VcpuLink) -> None:
@@ -763,10 +769,8 @@ class Host:
         except ValueError as exc:
             source.record_error(str(exc))
             return
-        if changed and now + self.link_tick_ns < self._housekeeping_at:
-            self._housekeeping_at = now + self.link_tick_ns  # the tick that sends the masks
-            if self._housekeeping_at < self._sleeping_until:
-                self._alarm.fire_now()
+        if changed:
+            self._housekeeping_by(now + self.link_tick_ns)  # the tick that sends the masks
 
     def _takes_mask(self, vcpu: int) -> bool:
         vl = self.links[vcpu]
